@@ -1,0 +1,111 @@
+"""The ``posttrain`` command: parse arguments, load the config, call the stage. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from posttrain.errors import UserError
+
+USAGE_OVERRIDES = "config overrides as key=value (dotted keys reach into lists and mappings: datasets.0.count=100)"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_sft(args) -> None:
+    from posttrain.config import SFTConfig, load_config
+    from posttrain.train.sft import run_sft
+
+    run_sft(load_config(SFTConfig, args.config, args.overrides))
+
+
+def cmd_demo(args) -> None:
+    from posttrain.demo import run_demo
+
+    run_demo(args.out, args.overrides)
+
+
+def cmd_model_tiny(args) -> None:
+    from pathlib import Path
+
+    from posttrain.models import build_tiny
+
+    texts = []
+    for path in args.text or []:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{path}: file not found")
+        try:
+            texts.extend(p.read_text(encoding="utf-8").splitlines())
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text") from None
+    if not texts:
+        from posttrain.data.synth.arithmetic import addition_problems, addition_record
+
+        texts = [str(addition_record(a, b)) for a, b in addition_problems(100, digits=1)]
+    build_tiny(args.out, texts, vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
+               num_heads=args.heads, num_kv_heads=args.kv_heads, seed=args.seed)
+    print(args.out)
+
+
+def cmd_model_prepare(args) -> None:
+    from posttrain.models import resolve
+
+    print(resolve(args.name))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="Post-train language models: the Tulu 3 recipe, open and reproducible.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sft", help="supervised fine-tuning (assistant-only loss, packing, LoRA)")
+    s.add_argument("--config", required=True, help="YAML recipe")
+    s.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    s.set_defaults(func=cmd_sft)
+
+    d = sub.add_parser("demo", help="the main job on its embedded default: a tiny model learns addition by SFT")
+    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    d.add_argument("overrides", nargs="*", help="overrides of the demo's SFT config, as key=value")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("model", help="build or prepare models")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    t = msub.add_parser("tiny", help="a few-layer Llama with a BPE tokenizer trained on the fly (tests, demos)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--text", action="append", help="text file(s) to train the tokenizer on, one example per line")
+    t.add_argument("--vocab-size", type=int, default=512)
+    t.add_argument("--hidden-size", type=int, default=64)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--kv-heads", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_model_tiny)
+    pr = msub.add_parser("prepare", help="resolve a model (alias, GGUF, hub id), converting and caching it; prints its path")
+    pr.add_argument("name")
+    pr.set_defaults(func=cmd_model_prepare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        _quiet_libraries()
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

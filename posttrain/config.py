@@ -1,0 +1,266 @@
+"""Configs: dataclasses filled from one YAML file plus dotted ``key=value`` overrides.
+
+Names follow TRL/transformers (``learning_rate``, ``per_device_train_batch_size``, ...). An unknown
+key is an error that suggests the closest valid one; a value of the wrong type is an error that
+names the key. Override values are parsed as YAML, so ``packing=true``, ``max_steps=200``,
+``learning_rate=2e-5`` and ``datasets.0.count=100`` all do what they say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from posttrain.errors import UserError
+
+
+@dataclass
+class DataSource:
+    """One entry of ``datasets:``. ``count`` takes that many records; ``fraction`` takes that share
+    (above 1 it upsamples: 2.5 = every record twice plus a seeded half). Neither: all records."""
+
+    path: str = ""
+    split: str = "train"
+    name: str | None = None  # a hub dataset's configuration name
+    count: int | None = None
+    fraction: float | None = None
+    license: str | None = None
+    format: Literal["auto", "messages", "prompt_completion", "gsm8k", "hh_rlhf", "preference"] = "auto"
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            raise UserError(f"{where}: field 'path' is required")
+        if self.count is not None and self.fraction is not None:
+            raise UserError(f"{where}: give 'count' or 'fraction', not both")
+        if self.count is not None and self.count < 0:
+            raise UserError(f"{where}: field 'count' must be >= 0, got {self.count}")
+        if self.fraction is not None and self.fraction < 0:
+            raise UserError(f"{where}: field 'fraction' must be >= 0, got {self.fraction}")
+
+
+@dataclass
+class TrainConfig:
+    """Keys every training stage shares: model, data, optimisation, checkpoints and logging."""
+
+    model: str = ""
+    output_dir: str = ""
+    datasets: list[DataSource] = field(default_factory=list)
+    eval_datasets: list[DataSource] = field(default_factory=list)
+    chat_template: str | None = None  # tulu | chatml | a Jinja string; None: the tokenizer's own
+    max_seq_length: int = 1024
+    # optimisation
+    learning_rate: float = 2e-5
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    # LoRA through peft (TRL's names); the final checkpoint has the adapter merged in
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # checkpoints and logging
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    eval_steps: int = 0
+    per_device_eval_batch_size: int = 8
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    overwrite_output_dir: bool = False
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UserError("config: key 'model' is required (a hub id, a local directory, a .gguf file or an alias)")
+        if not self.output_dir:
+            raise UserError("config: key 'output_dir' is required")
+        positive = ["max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "per_device_eval_batch_size", "lora_r"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise UserError(f"config: key '{key}' must be > 0, got {getattr(self, key)}")
+        if self.learning_rate < 0:
+            raise UserError(f"config: key 'learning_rate' must be >= 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise UserError(f"config: key 'warmup_ratio' must be in [0, 1], got {self.warmup_ratio}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise UserError("config: set 'max_steps' > 0 or 'num_train_epochs' > 0")
+        for i, src in enumerate(self.datasets):
+            src.validate(f"config: datasets[{i}]")
+        for i, src in enumerate(self.eval_datasets):
+            src.validate(f"config: eval_datasets[{i}]")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning (see posttrain.train.sft for the loss)."""
+
+    packing: bool = False
+    loss_reduction: Literal["mean", "sum"] = "mean"
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.datasets:
+            raise UserError("config: key 'datasets' is required: a list of {path: FILE_OR_HUB_ID, ...}")
+
+
+# Keys that change how a run is watched, not what it computes: a resumed run may change them.
+NON_SEMANTIC_KEYS = {"save_steps", "save_total_limit", "logging_steps", "report_to", "overwrite_output_dir",
+                     "per_device_eval_batch_size", "eval_steps"}
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None):
+    """Build ``cls`` from ``base``, then the YAML file at ``path``, then ``key=value`` overrides."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data.update(read_yaml(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key=value")
+        set_dotted(data, key.strip(), parse_value(raw))
+    cfg = build(cls, data, "config")
+    cfg.validate()
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def parse_value(raw: str):
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def set_dotted(data: dict, key: str, value) -> None:
+    """``a.b.0.c`` walks dicts by name and lists by index, creating dicts where missing."""
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"override {key}: '{part}' is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        else:
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise UserError(f"override {key}: '{part}' is not a mapping or a list")
+
+
+def build(cls: type, data: Any, where: str):
+    """Make a ``cls`` dataclass from a mapping, checking keys and types."""
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{where}: unknown key '{key}'{hint}")
+        kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def coerce(value: Any, tp: Any, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{where}: expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, str) and (args[0] is str or typing.get_origin(args[0]) is Literal):
+                value = [v.strip() for v in str(value).split(",") if v.strip()]
+            else:
+                raise UserError(f"{where}: expected a list, got {type(value).__name__}")
+        return [coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)  # PyYAML reads 2e-5 (no dot) as a string
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg) -> str:
+    """A hash of everything that changes what a run computes (not how it is logged or saved)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in NON_SEMANTIC_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

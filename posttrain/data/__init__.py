@@ -1,0 +1,1 @@
+"""Data: records, loading, adapters, mixing, chat formatting and packing."""

@@ -1,0 +1,112 @@
+"""Turn raw records of well-known formats into the record kinds of ``posttrain.data.records``.
+
+Formats (``format:`` of a data source; ``auto`` detects them from the keys):
+
+- ``messages``: already ``{"messages": [...]}`` (SFT / verifiable) records.
+- ``prompt_completion``: ``{"prompt": str, "completion": str}`` (TRL's prompt-completion form).
+- ``gsm8k``: ``{"question", "answer"}`` with the final answer on a ``#### N`` line; calculator
+  annotations ``<<48/2=24>>`` are removed from the solution text.
+- ``hh_rlhf``: ``{"chosen", "rejected"}`` as raw ``\\n\\nHuman: ... \\n\\nAssistant: ...`` text.
+- ``preference``: ``{"chosen", "rejected"}`` message lists, or ``{"prompt", "chosen", "rejected"}``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from posttrain.data import records
+from posttrain.errors import UserError
+
+KINDS = ("sft", "preference", "verifiable")
+_CALC = re.compile(r"<<[^<>]*>>")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def detect_format(rec: dict) -> str:
+    keys = set(rec)
+    if "chosen" in keys and "rejected" in keys:
+        return "hh_rlhf" if isinstance(rec["chosen"], str) and "\n\nHuman:" in rec["chosen"] else "preference"
+    if "messages" in keys:
+        return "messages"
+    if {"question", "answer"} <= keys:
+        return "gsm8k"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    return "messages"  # validation then names the missing field
+
+
+def gsm8k_final_answer(answer: str) -> str:
+    """The text after the last ``####``, without thousands separators."""
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+def gsm8k_solution(answer: str) -> str:
+    body, _, final = answer.rpartition("####")
+    body = _CALC.sub("", body).strip()
+    return f"{body}\n#### {final.strip()}" if body else f"#### {final.strip()}"
+
+
+def parse_hh_text(text: str, where: str, field: str) -> list[dict]:
+    """``"\\n\\nHuman: hi\\n\\nAssistant: hello"`` -> ``[{"role": "user", ...}, {"role": "assistant", ...}]``."""
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field '{field}' must be a string in the hh-rlhf format")
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise UserError(f"{where}: field '{field}' does not start with '\\n\\nHuman: ' (hh-rlhf format)")
+    turns = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        if turns and turns[-1]["role"] == role:  # a speaker tag inside a turn's text: keep it as text
+            turns[-1]["content"] += f"\n\n{speaker}: {content}"
+        else:
+            turns.append({"role": role, "content": content.strip()})
+    return turns
+
+
+def to_kind(rec: dict, kind: str, fmt: str, where: str) -> dict:
+    """Convert one raw record of format ``fmt`` (or ``auto``) into a validated record of ``kind``."""
+    if fmt == "auto":
+        fmt = detect_format(rec)
+    if kind == "sft":
+        return records.sft_record(_as_sft(rec, fmt, where), where)
+    if kind == "preference":
+        if fmt == "hh_rlhf":
+            rec = {**rec, "chosen": parse_hh_text(rec.get("chosen"), where, "chosen"),
+                   "rejected": parse_hh_text(rec.get("rejected"), where, "rejected")}
+        elif fmt not in ("preference", "messages"):
+            raise UserError(f"{where}: format '{fmt}' has no preference pairs")
+        return records.preference_record(rec, where)
+    if kind == "verifiable":
+        if fmt == "gsm8k":
+            rec = {**rec, "messages": [{"role": "user", "content": _field(rec, "question", where)}],
+                   "ground_truth": gsm8k_final_answer(_field(rec, "answer", where)),
+                   "verifier": rec.get("verifier", "gsm8k")}
+        return records.verifiable_record(rec, where)
+    raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
+
+
+def _field(rec: dict, key: str, where: str) -> str:
+    if key not in rec:
+        raise UserError(f"{where}: field '{key}' is missing")
+    if not isinstance(rec[key], str):
+        raise UserError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+    return rec[key]
+
+
+def _as_sft(rec: dict, fmt: str, where: str) -> dict:
+    if fmt == "messages":
+        return rec
+    if fmt == "gsm8k":
+        messages = [{"role": "user", "content": _field(rec, "question", where)},
+                    {"role": "assistant", "content": gsm8k_solution(_field(rec, "answer", where))}]
+    elif fmt == "prompt_completion":
+        messages = [{"role": "user", "content": _field(rec, "prompt", where)},
+                    {"role": "assistant", "content": _field(rec, "completion", where)}]
+    elif fmt == "hh_rlhf":
+        messages = parse_hh_text(rec.get("chosen"), where, "chosen")
+    elif fmt == "preference":
+        pair = records.preference_record(rec, where)
+        messages = pair["prompt"] + pair["chosen"]
+    else:
+        raise UserError(f"{where}: unknown format '{fmt}'")
+    return {**{k: v for k, v in rec.items() if k in records.PASSTHROUGH}, "messages": messages}

@@ -1,0 +1,118 @@
+"""Chat templates and assistant-only loss masks.
+
+A conversation is rendered with a chat template (the tokenizer's own, or a built-in one) and cut
+into segments. For each assistant turn ``i`` the trained span is the text between
+``render(messages[:i], add_generation_prompt=True)`` and ``render(messages[:i+1])``: the assistant's
+content and the template's end-of-turn marker, which is exactly what the model must produce after
+the generation prompt at inference time. Each segment is tokenized on its own and the ids are
+concatenated, so a trained span never shares a token with the text around it, and the prompt part
+tokenizes as it does when the prompt is rendered for generation.
+
+A template must be prefix-consistent (rendering more turns only appends text); one that rewrites
+earlier turns (e.g. drops past reasoning) is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from posttrain.errors import UserError
+
+TULU = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if not loop.last %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|assistant|>\n' + message['content'] + eos_token }}{% endif %}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+BUILTIN = {"tulu": TULU, "chatml": CHATML}
+# Text that ends an assistant turn under each built-in template (besides the tokenizer's eos).
+END_OF_TURN = {"chatml": "<|im_end|>"}
+
+
+def resolve_template(tokenizer, name: str | None) -> tuple[str, str]:
+    """Return ``(template, label)`` for a config value: a built-in name, a Jinja string, or None
+    (the tokenizer's own, falling back to ``tulu`` when it has none)."""
+    if name is None:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.chat_template, "tokenizer"
+        name = "tulu"
+    if name in BUILTIN:
+        if name == "tulu" and not tokenizer.eos_token:
+            raise UserError("chat_template 'tulu' needs a tokenizer with an eos_token")
+        return BUILTIN[name], name
+    if "{%" in name or "{{" in name:
+        return name, "custom"
+    raise UserError(f"config: chat_template must be one of {', '.join(BUILTIN)} or a Jinja template, got {name!r}")
+
+
+def apply_template(tokenizer, template: str) -> None:
+    """Make ``template`` the tokenizer's own, so a saved checkpoint carries the template it was trained with."""
+    tokenizer.chat_template = template
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """Cut the rendered conversation into ``(text, trained)`` pieces; trained = an assistant span."""
+    full = render(tokenizer, messages)
+    out, pos = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = render(tokenizer, messages[:i], add_generation_prompt=True)
+        end = render(tokenizer, messages[: i + 1])
+        if not (end.startswith(start) and full.startswith(end) and len(start) >= pos):
+            raise UserError("the chat template is not prefix-consistent (rendering more turns changes earlier "
+                            "text), so assistant spans cannot be found; set chat_template to tulu or chatml")
+        out.append((start[pos:], False))
+        out.append((end[len(start):], True))
+        pos = len(end)
+    out.append((full[pos:], False))
+    return [(text, trained) for text, trained in out if text]
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels_mask: list[bool]  # True where the token is trained on
+    truncated: bool
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> Tokenized:
+    ids, mask = [], []
+    for text, trained in segments(tokenizer, messages):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        mask.extend([trained] * len(piece))
+    truncated = len(ids) > max_length
+    return Tokenized(ids[:max_length], mask[:max_length], truncated)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a prompt rendered for generation (the same ids training saw before a reply)."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end an assistant turn: the eos token and, where the vocabulary has it, ``<|im_end|>``."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in END_OF_TURN.values():
+        tid = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids

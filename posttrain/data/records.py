@@ -1,0 +1,119 @@
+"""The three record kinds and their validation (Hugging Face conventions).
+
+- SFT:         ``{"messages": [{"role": "system|user|assistant", "content": str}, ...]}``
+- Preference:  ``{"prompt": messages, "chosen": messages, "rejected": messages}`` where ``prompt``
+  is the shared turns and ``chosen``/``rejected`` the assistant turn(s) that follow them.
+- Verifiable:  ``{"messages": prompt turns, "ground_truth": ..., "verifier": name}``.
+
+Each may also carry ``source``, ``license`` and ``id``. Every check raises ``UserError`` naming the
+place (``file:line`` or ``dataset[split] record i``) and the field.
+"""
+
+from __future__ import annotations
+
+from posttrain.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+PASSTHROUGH = ("source", "license", "id")
+
+
+def check_messages(messages, where: str, field: str = "messages", need_assistant: bool = True) -> list[dict]:
+    """Validate a list of chat turns and return it as plain ``{"role", "content"}`` dicts."""
+    if not isinstance(messages, list):
+        raise UserError(f"{where}: field '{field}' must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise UserError(f"{where}: field '{field}' is an empty list")
+    out = []
+    seen_user = False
+    for i, m in enumerate(messages):
+        f = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise UserError(f"{where}: field '{f}' must be an object with 'role' and 'content', got {type(m).__name__}")
+        if "role" not in m:
+            raise UserError(f"{where}: field '{f}.role' is missing")
+        role = m["role"]
+        if role not in ROLES:
+            raise UserError(f"{where}: field '{f}.role' must be one of {', '.join(ROLES)}, got {role!r}")
+        if "content" not in m:
+            raise UserError(f"{where}: field '{f}.content' is missing")
+        content = m["content"]
+        if not isinstance(content, str):
+            raise UserError(f"{where}: field '{f}.content' must be a string, got {type(content).__name__}")
+        if role == "assistant":
+            if not content.strip():
+                raise UserError(f"{where}: field '{f}.content' is an empty assistant turn")
+            if not seen_user:
+                raise UserError(f"{where}: field '{f}' is an assistant turn before any user turn")
+        seen_user = seen_user or role == "user"
+        out.append({"role": role, "content": content})
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise UserError(f"{where}: field '{field}' has no assistant turn to train on")
+    return out
+
+
+def _extras(rec: dict) -> dict:
+    return {k: rec[k] for k in PASSTHROUGH if k in rec and rec[k] is not None}
+
+
+def sft_record(rec: dict, where: str) -> dict:
+    if "messages" not in rec:
+        raise UserError(f"{where}: field 'messages' is missing (keys: {', '.join(map(str, rec)) or 'none'})")
+    return {"messages": check_messages(rec["messages"], where), **_extras(rec)}
+
+
+def _as_turns(value, role: str, where: str, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return check_messages(value, where, field, need_assistant=False)
+
+
+def preference_record(rec: dict, where: str) -> dict:
+    """Normalise either preference form to ``{prompt, chosen, rejected}`` (see module docstring).
+
+    With full conversations in ``chosen``/``rejected``, the prompt is their longest common prefix of
+    turns; the rest of each side must be assistant turns (checked by ``preference_problem``)."""
+    for key in ("chosen", "rejected"):
+        if key not in rec:
+            raise UserError(f"{where}: field '{key}' is missing")
+    if "prompt" in rec:
+        prompt = _as_turns(rec["prompt"], "user", where, "prompt")
+        chosen = _as_turns(rec["chosen"], "assistant", where, "chosen")
+        rejected = _as_turns(rec["rejected"], "assistant", where, "rejected")
+    else:
+        full_c = check_messages(rec["chosen"], where, "chosen", need_assistant=False)
+        full_r = check_messages(rec["rejected"], where, "rejected", need_assistant=False)
+        n = 0
+        while n < min(len(full_c), len(full_r)) - 1 and full_c[n] == full_r[n]:
+            n += 1
+        while n > 0 and full_c[n - 1]["role"] == "assistant" and full_c[n]["role"] == "assistant":
+            n -= 1
+        prompt, chosen, rejected = full_c[:n], full_c[n:], full_r[n:]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise UserError(f"{where}: field 'prompt' must end with a user turn")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_extras(rec)}
+
+
+def preference_problem(rec: dict) -> str | None:
+    """Why a normalised pair cannot be trained on, or None: 'prompts differ' or 'identical sides'."""
+    for side in ("chosen", "rejected"):
+        if not rec[side] or any(m["role"] != "assistant" for m in rec[side]):
+            return "prompts differ"
+        if any(not m["content"].strip() for m in rec[side]):
+            return f"empty {side} response"
+    if rec["chosen"] == rec["rejected"]:
+        return "identical sides"
+    return None
+
+
+def verifiable_record(rec: dict, where: str) -> dict:
+    if "messages" not in rec:
+        raise UserError(f"{where}: field 'messages' is missing")
+    messages = check_messages(rec["messages"], where, need_assistant=False)
+    if messages[-1]["role"] != "user":
+        raise UserError(f"{where}: field 'messages' must end with a user turn (the prompt)")
+    if "ground_truth" not in rec:
+        raise UserError(f"{where}: field 'ground_truth' is missing")
+    verifier = rec.get("verifier", rec.get("dataset"))  # open-instruct calls it 'dataset'
+    if not isinstance(verifier, str) or not verifier:
+        raise UserError(f"{where}: field 'verifier' (or 'dataset') must name a verifier")
+    return {"messages": messages, "ground_truth": rec["ground_truth"], "verifier": verifier, **_extras(rec)}

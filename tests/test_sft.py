@@ -1,0 +1,186 @@
+"""SFT: losses against independent references, packing, accumulation, determinism, learning, outputs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import addition_records, multi_turn_records, write_jsonl
+from posttrain.config import SFTConfig, load_config
+from posttrain.data import chat, packing
+from posttrain.errors import UserError
+from posttrain.models import load_model, load_tokenizer
+from posttrain.train.logprobs import TokenLogProbs, collate
+from posttrain.train.sft import run_sft, sft_objective, tokenize_records
+
+
+def sft(tmp_path, model, data, name="run", **kw):
+    base = {"model": str(model), "output_dir": str(tmp_path / name), "chat_template": "tulu",
+            "datasets": [{"path": str(data), "license": "CC0-1.0"}], "max_seq_length": 64,
+            "per_device_train_batch_size": 4, "learning_rate": 3e-3, "max_steps": 4, "save_steps": 0}
+    return run_sft(load_config(SFTConfig, base={**base, **kw}))
+
+
+def samples_for(tok, records, max_length=128):
+    chat.apply_template(tok, chat.TULU)
+    samples, _ = tokenize_records(tok, records, max_length)
+    return samples
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def max_diff(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_token_logprobs_match_the_models_own_loss(tiny_model_dir):
+    """Reference: transformers' own causal-LM loss (full logits, attention mask, mean over labels)."""
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    rows = packing.unpacked(samples_for(tok, multi_turn_records(6)))
+    batch = collate(rows, tok.pad_token_id)
+    ours = -TokenLogProbs(model)(batch["input_ids"], batch["position_ids"], batch["labels"]).sum() / batch["num_tokens"]
+    attention = torch.zeros_like(batch["input_ids"])
+    for i, r in enumerate(rows):
+        attention[i, :len(r["input_ids"])] = 1
+    ref = model(input_ids=batch["input_ids"], attention_mask=attention, labels=batch["labels"]).loss
+    assert float((ours - ref).abs()) <= 1e-5
+    # the slow path (full logits) agrees with the fast one
+    slow = TokenLogProbs(model)
+    slow.fast = False
+    assert torch.allclose(slow(batch["input_ids"], batch["position_ids"], batch["labels"]),
+                          TokenLogProbs(model)(batch["input_ids"], batch["position_ids"], batch["labels"]), atol=1e-5)
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_model_dir):
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    samples = samples_for(tok, multi_turn_records(12) + addition_records(12))
+    rows = packing.pack(samples, 96)
+    assert len(rows) < len(samples) and max(r["num_samples"] for r in rows) > 2
+    policy = TokenLogProbs(model)
+
+    def total(rs):
+        b = collate(rs, tok.pad_token_id)
+        lp = policy(b["input_ids"], b["position_ids"], b["labels"])
+        return lp.sum(), b["num_tokens"]
+
+    packed, n1 = total(rows)
+    unpacked, n2 = total(packing.unpacked(samples))
+    assert n1 == n2
+    assert abs(float(packed / n1 - unpacked / n2)) <= 1e-5
+    # and per sample, each separately: the same sum
+    one_by_one = sum(float(total([r])[0]) for r in packing.unpacked(samples))
+    assert abs(float(packed) - one_by_one) / abs(one_by_one) <= 1e-5
+
+
+def test_mean_and_sum_reductions(tiny_model_dir):
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    rows = packing.unpacked(samples_for(tok, multi_turn_records(4)))
+    b = collate(rows, tok.pad_token_id)
+    policy = TokenLogProbs(model)
+    per_token = policy(b["input_ids"], b["position_ids"], b["labels"])
+    mean_loss, _ = sft_objective("mean").loss(policy, b, b["num_tokens"])
+    sum_loss, _ = sft_objective("sum").loss(policy, b, b["num_samples"])
+    # by hand: mean = all token NLLs / tokens; sum = per-sample token-NLL sums averaged over samples
+    assert float(mean_loss) == pytest.approx(float(-per_token.sum() / (b["labels"] != -100).sum()), rel=1e-6)
+    per_sample = [-float(per_token[i].sum()) for i in range(len(rows))]
+    assert float(sum_loss) == pytest.approx(sum(per_sample) / len(rows), rel=1e-6)
+
+
+def test_gradient_accumulation_equivalence(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", multi_turn_records(24))
+    kw = dict(max_steps=3, learning_rate=1e-3, lr_scheduler_type="constant")
+    a = sft(tmp_path, tiny_model_dir, data, "a", per_device_train_batch_size=8, gradient_accumulation_steps=1, **kw)
+    b = sft(tmp_path, tiny_model_dir, data, "b", per_device_train_batch_size=2, gradient_accumulation_steps=4, **kw)
+    assert max_diff(weights(a.output_dir), weights(b.output_dir)) <= 1e-5
+    la = [json.loads(x)["loss"] for x in (a.output_dir / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (b.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, abs=1e-5)
+    # with the sum reduction too
+    c = sft(tmp_path, tiny_model_dir, data, "c", per_device_train_batch_size=8, loss_reduction="sum", **kw)
+    d = sft(tmp_path, tiny_model_dir, data, "d", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+            loss_reduction="sum", **kw)
+    assert max_diff(weights(c.output_dir), weights(d.output_dir)) <= 1e-5
+
+
+def test_same_seed_same_run_and_every_parameter_moves(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", addition_records(40))
+    a = sft(tmp_path, tiny_model_dir, data, "a", packing=True, seed=3)
+    b = sft(tmp_path, tiny_model_dir, data, "b", packing=True, seed=3)
+    c = sft(tmp_path, tiny_model_dir, data, "c", packing=True, seed=4)
+    wa, wb, wc = weights(a.output_dir), weights(b.output_dir), weights(c.output_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert max_diff(wa, wc) > 0
+    base = weights(tiny_model_dir)
+    unmoved = [k for k in wa if torch.equal(wa[k], base[k])]
+    assert unmoved == []
+
+
+def test_learns_addition_and_answers_training_prompts(tmp_path, tiny_model_dir):
+    from posttrain.inference.engine import SamplingParams, TransformersEngine
+
+    recs = addition_records(60)
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    res = sft(tmp_path, tiny_model_dir, data, packing=True, max_steps=400, learning_rate=5e-3,
+              lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=10)
+    losses = [json.loads(x)["loss"] for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses[0] > 1.0 and losses[-1] < 0.5 * losses[0]
+    engine = TransformersEngine(load_model(str(res.output_dir)), load_tokenizer(str(res.output_dir)), batch_size=64)
+    outs = engine.generate([r["messages"][:1] for r in recs], SamplingParams(max_new_tokens=4))
+    right = sum(o.text.strip() == r["messages"][1]["content"] for o, r in zip(outs, recs))
+    assert right == len(recs), [o.text for o in outs]
+    assert all(o.finish_reason == "stop" for o in outs)
+
+
+def test_outputs_manifest_and_rerun(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", addition_records(40))
+    res = sft(tmp_path, tiny_model_dir, data, max_steps=4, save_steps=2, packing=True)
+    out = res.output_dir
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == chat.TULU and model.config.vocab_size == len(tok)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stage"] == "sft" and m["config"]["max_steps"] == 4 and m["licenses"] == ["CC0-1.0"]
+    assert m["data"][0]["fingerprint"].startswith("sha256:") and m["data"][0]["records_used"] == 40
+    assert m["data_stats"]["samples"] == 40 and 0 < m["data_stats"]["packing_efficiency"] <= 1
+    assert m["metrics"]["step"] == 4 and m["metrics"]["loss"] > 0 and m["posttrain_version"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4] and all("loss" in x for x in lines)
+    assert (out / "checkpoints" / "checkpoint-2" / "config.json").is_file()
+    # the same command again does nothing; a different config on the same output_dir is refused
+    again = sft(tmp_path, tiny_model_dir, data, max_steps=4, save_steps=2, packing=True)
+    assert again.skipped and again.metrics == m["metrics"]
+    with pytest.raises(UserError, match="finished run with a different config"):
+        sft(tmp_path, tiny_model_dir, data, max_steps=5, save_steps=2, packing=True)
+
+
+def test_lora_trains_adapters_and_saves_a_merged_model(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", addition_records(40))
+    res = sft(tmp_path, tiny_model_dir, data, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+              learning_rate=1e-2, max_steps=6, packing=True, save_steps=3)
+    merged, base = weights(res.output_dir), weights(tiny_model_dir)
+    assert set(merged) == set(base)  # a plain checkpoint, no adapter keys
+    changed = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert changed and all(any(p in k for p in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
+    assert (res.output_dir / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    losses = [json.loads(x)["loss"] for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", multi_turn_records(16))
+    a = sft(tmp_path, tiny_model_dir, data, "a", max_steps=2)
+    b = sft(tmp_path, tiny_model_dir, data, "b", max_steps=2, gradient_checkpointing=True)
+    assert max_diff(weights(a.output_dir), weights(b.output_dir)) <= 1e-6
+
+
+def test_eval_datasets_report_held_out_loss(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", addition_records(40))
+    held = write_jsonl(tmp_path / "h.jsonl", addition_records(60)[40:])
+    res = sft(tmp_path, tiny_model_dir, data, max_steps=6, eval_steps=3, eval_datasets=[{"path": str(held)}])
+    evals = [json.loads(x) for x in (res.output_dir / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x]
+    assert [e["step"] for e in evals] == [3, 6] and evals[1]["eval/loss"] < evals[0]["eval/loss"]
+    assert res.metrics["eval/loss"] == evals[1]["eval/loss"]

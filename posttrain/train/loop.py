@@ -64,7 +64,9 @@ class Result:
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A progress line on stderr, from the main process only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
@@ -143,7 +145,9 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
     from transformers import get_scheduler
 
     started = time.time()
-    accelerator = Accelerator(log_with=cfg.report_to or None, project_dir=cfg.output_dir)
+    # Without a GPU, accelerate forms a multi-process group (gloo) only when told to use the CPU.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
+                              project_dir=cfg.output_dir)
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
     resume_from = prepare_output_dir(cfg, is_main)

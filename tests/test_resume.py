@@ -1,0 +1,68 @@
+"""A run killed with SIGKILL resumes from its last complete checkpoint to the same final weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import multi_turn_records, write_jsonl
+from posttrain.train import checkpoint
+
+
+def _config(tmp_path, model, data, out):
+    p = tmp_path / f"{out.name}.yaml"
+    p.write_text(f"model: {model}\noutput_dir: {out}\nchat_template: tulu\ndatasets:\n  - path: {data}\n"
+                 "max_seq_length: 96\nper_device_train_batch_size: 4\ngradient_accumulation_steps: 2\n"
+                 "learning_rate: 1.0e-3\nlr_scheduler_type: cosine\nwarmup_ratio: 0.1\nmax_steps: 300\n"
+                 "save_steps: 20\nsave_total_limit: 2\nlogging_steps: 1\nseed: 5\n")
+    return p
+
+
+def _cmd(cfg):
+    return [sys.executable, "-m", "posttrain.cli", "sft", "--config", str(cfg)]
+
+
+def test_sigkill_and_resume_gives_identical_weights(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", multi_turn_records(40))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(_cmd(_config(tmp_path, tiny_model_dir, data, ref_dir)), check=True, env=env,
+                   capture_output=True, timeout=600)
+
+    cfg = _config(tmp_path, tiny_model_dir, data, run_dir)
+    proc = subprocess.Popen(_cmd(cfg), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        last = checkpoint.latest(run_dir)
+        if last is not None and int(last.name.split("-")[1]) >= 60:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"
+    killed_at = int(checkpoint.latest(run_dir).name.split("-")[1])
+    assert 60 <= killed_at < 300
+    # debris a crash can leave: a half-written temporary checkpoint and a directory with no state file
+    (run_dir / "checkpoints" / ".tmp-checkpoint-999-x").mkdir()
+    (run_dir / "checkpoints" / "checkpoint-998").mkdir()
+    (run_dir / "checkpoints" / "checkpoint-998" / "optimizer.pt").write_bytes(b"partial")
+
+    resumed = subprocess.run(_cmd(cfg), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{killed_at}'}" in resumed.stderr
+
+    ref, got = load_file(str(ref_dir / "model.safetensors")), load_file(str(run_dir / "model.safetensors"))
+    assert max(float((ref[k] - got[k]).abs().max()) for k in ref) <= 1e-6
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 301))
+    ref_loss = [json.loads(x)["loss"] for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    got_loss = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert torch.allclose(torch.tensor(ref_loss), torch.tensor(got_loss), atol=1e-6)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["resumed_from"].endswith(f"checkpoint-{killed_at}")

@@ -93,7 +93,7 @@ def load_tokenizer(name: str):
     path = resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"model {name!r}: could not load a tokenizer ({e})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -107,7 +107,7 @@ def load_model(name: str, dtype: str = "float32"):
     path = resolve(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]))
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"model {name!r}: could not load ({e})") from None
     return model
 

@@ -94,7 +94,7 @@ def load_tokenizer(name: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"model {name!r}: could not load a tokenizer ({e})") from None
+        raise UserError(f"model {name!r}: could not load a tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -108,7 +108,7 @@ def load_model(name: str, dtype: str = "float32"):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]))
     except (OSError, ValueError) as e:
-        raise UserError(f"model {name!r}: could not load ({e})") from None
+        raise UserError(f"model {name!r}: could not load ({str(e).splitlines()[0]})") from None
     return model
 
 

@@ -1,6 +1,8 @@
 """Padding-free packing: several tokenized samples per row, each with its own position ids.
 
-Samples are placed in order, a new row starting when the next one does not fit in ``max_length``.
+Rows are filled best-fit decreasing: samples are taken longest first (ties in input order) and
+each goes into the row with the least free space that still holds it, or a new row. This fills
+rows more tightly than packing in input order; the training loop shuffles rows every epoch.
 Position ids restart at 0 for every sample; the model (transformers' packed-sequence masking,
 which applies when ``position_ids`` are given and ``attention_mask`` is not) then attends only
 within each sample, so a packed row computes the same per-token log-probs as the samples alone.
@@ -8,23 +10,33 @@ within each sample, so a packed row computes the same per-token log-probs as the
 
 from __future__ import annotations
 
+import bisect
+
 
 def pack(samples: list[dict], max_length: int) -> list[dict]:
     """``samples``: dicts with ``input_ids`` and ``labels_mask`` (each no longer than ``max_length``).
     Returns rows with ``input_ids``, ``labels_mask``, ``position_ids`` and ``num_samples``."""
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
     rows: list[dict] = []
-    row = None
-    for s in samples:
+    free: list[tuple[int, int]] = []  # (free space, row index), sorted
+    for i in order:
+        s = samples[i]
         n = len(s["input_ids"])
         if n > max_length:
             raise ValueError(f"sample of {n} tokens is longer than max_length {max_length}")
-        if row is None or len(row["input_ids"]) + n > max_length:
-            row = {"input_ids": [], "labels_mask": [], "position_ids": [], "num_samples": 0}
-            rows.append(row)
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            space, r = free.pop(at)
+        else:
+            space, r = max_length, len(rows)
+            rows.append({"input_ids": [], "labels_mask": [], "position_ids": [], "num_samples": 0})
+        row = rows[r]
         row["input_ids"] += s["input_ids"]
         row["labels_mask"] += s["labels_mask"]
         row["position_ids"] += list(range(n))
         row["num_samples"] += 1
+        if space - n > 0:
+            bisect.insort(free, (space - n, r))
     return rows
 
 

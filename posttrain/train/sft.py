@@ -10,8 +10,8 @@ over one optimizer step's global batch ``B`` (all micro-batches on all processes
   Tulu 3's ``sum`` (open-instruct sums token losses per micro-batch of one sample and averages over
   accumulation steps and processes), made independent of the micro-batch split.
 
-Packing (``packing: true``) shuffles the samples with ``seed`` and packs them into rows of
-``max_seq_length`` tokens without padding or cross-sample attention (data/packing.py).
+Packing (``packing: true``) shuffles the samples with ``seed`` and packs them best-fit decreasing
+into rows of ``max_seq_length`` tokens without padding or cross-sample attention (data/packing.py).
 """
 
 from __future__ import annotations

@@ -264,3 +264,39 @@ def config_hash(cfg) -> str:
     """A hash of everything that changes what a run computes (not how it is logged or saved)."""
     d = {k: v for k, v in to_dict(cfg).items() if k not in NON_SEMANTIC_KEYS}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation and its relatives (see posttrain.train.dpo for the losses).
+    Defaults follow TRL; Tulu 3's final recipe is ``loss_type: dpo_norm``, ``beta: 5``,
+    ``learning_rate: 5e-7``, one epoch."""
+
+    learning_rate: float = 5e-7
+    beta: float = 0.1
+    loss_type: Literal["dpo", "dpo_norm", "simpo", "ipo"] = "dpo"
+    label_smoothing: float = 0.0
+    gamma_beta_ratio: float = 0.5  # simpo: the margin gamma is gamma_beta_ratio * beta
+    packing: bool = False  # several pairs per row (each row holds whole pairs, chosen then rejected)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.datasets:
+            raise UserError("config: key 'datasets' is required: a list of preference sources")
+        if self.beta <= 0:
+            raise UserError(f"config: key 'beta' must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"config: key 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """A Bradley-Terry reward model: a scalar head on the last token of a conversation."""
+
+    learning_rate: float = 1e-5
+    packing: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.datasets:
+            raise UserError("config: key 'datasets' is required: a list of preference sources")

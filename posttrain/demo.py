@@ -44,7 +44,7 @@ def run_demo(out: str = "runs/demo", overrides: list[str] | tuple[str, ...] = ()
         "model": str(base), "output_dir": str(root / "sft"), "chat_template": "tulu",
         "datasets": [{"path": str(data), "license": "CC0-1.0"}], "max_seq_length": 64, "packing": True,
         "per_device_train_batch_size": 4, "learning_rate": 3e-3, "lr_scheduler_type": "cosine",
-        "warmup_ratio": 0.05, "max_steps": 300, "save_steps": 100, "logging_steps": 10, "seed": 0})
+        "warmup_ratio": 0.05, "max_steps": 500, "save_steps": 100, "logging_steps": 10, "seed": 0})
     before = {"train": greedy_accuracy(str(base), train_set), "heldout": greedy_accuracy(str(base), heldout)}
     result = run_sft(cfg)
     after = {"train": greedy_accuracy(cfg.output_dir, train_set), "heldout": greedy_accuracy(cfg.output_dir, heldout)}

@@ -67,12 +67,13 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    """Cut the rendered conversation into ``(text, trained)`` pieces; trained = an assistant span."""
+def segments(tokenizer, messages: list[dict], train_from: int = 0) -> list[tuple[str, bool]]:
+    """Cut the rendered conversation into ``(text, trained)`` pieces; trained = the span of an
+    assistant turn at index ``>= train_from`` (preference pairs train only the turns after the prompt)."""
     full = render(tokenizer, messages)
     out, pos = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < train_from:
             continue
         start = render(tokenizer, messages[:i], add_generation_prompt=True)
         end = render(tokenizer, messages[: i + 1])
@@ -93,9 +94,9 @@ class Tokenized:
     truncated: bool
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> Tokenized:
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, train_from: int = 0) -> Tokenized:
     ids, mask = [], []
-    for text, trained in segments(tokenizer, messages):
+    for text, trained in segments(tokenizer, messages, train_from):
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(piece)
         mask.extend([trained] * len(piece))

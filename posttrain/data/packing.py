@@ -15,7 +15,10 @@ import bisect
 
 def pack(samples: list[dict], max_length: int) -> list[dict]:
     """``samples``: dicts with ``input_ids`` and ``labels_mask`` (each no longer than ``max_length``).
-    Returns rows with ``input_ids``, ``labels_mask``, ``position_ids`` and ``num_samples``."""
+    Returns rows with ``input_ids``, ``labels_mask``, ``position_ids`` and ``num_samples``.
+
+    A sample may itself be several sequences (a preference pair: chosen then rejected), given by
+    its own ``position_ids`` and ``num_samples``; its ``pair_index`` is carried into the row."""
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
     rows: list[dict] = []
     free: list[tuple[int, int]] = []  # (free space, row index), sorted
@@ -29,18 +32,30 @@ def pack(samples: list[dict], max_length: int) -> list[dict]:
             space, r = free.pop(at)
         else:
             space, r = max_length, len(rows)
-            rows.append({"input_ids": [], "labels_mask": [], "position_ids": [], "num_samples": 0})
-        row = rows[r]
-        row["input_ids"] += s["input_ids"]
-        row["labels_mask"] += s["labels_mask"]
-        row["position_ids"] += list(range(n))
-        row["num_samples"] += 1
+            rows.append(_empty_row())
+        _append(rows[r], s)
         if space - n > 0:
             bisect.insort(free, (space - n, r))
     return rows
 
 
+def _empty_row() -> dict:
+    return {"input_ids": [], "labels_mask": [], "position_ids": [], "num_samples": 0, "pair_index": []}
+
+
+def _append(row: dict, s: dict) -> None:
+    row["input_ids"] += s["input_ids"]
+    row["labels_mask"] += s["labels_mask"]
+    row["position_ids"] += s.get("position_ids") or list(range(len(s["input_ids"])))
+    row["num_samples"] += s.get("num_samples", 1)
+    if "pair_index" in s:
+        row["pair_index"].append(s["pair_index"])
+
+
 def unpacked(samples: list[dict]) -> list[dict]:
     """One sample per row, in the same row format as ``pack``."""
-    return [{"input_ids": s["input_ids"], "labels_mask": s["labels_mask"],
-             "position_ids": list(range(len(s["input_ids"]))), "num_samples": 1} for s in samples]
+    rows = []
+    for s in samples:
+        rows.append(_empty_row())
+        _append(rows[-1], s)
+    return rows

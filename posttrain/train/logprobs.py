@@ -21,11 +21,15 @@ IGNORE = -100
 
 def collate(rows: list[dict], pad_id: int) -> dict:
     """Rows (``input_ids``, ``labels_mask``, ``position_ids``, ``num_samples``) -> a padded batch with
-    ``labels`` (``-100`` where untrained), ``num_tokens`` (trained tokens) and ``num_samples``."""
+    ``labels`` (``-100`` where untrained), ``sample_ids`` (which sequence of the batch each token
+    belongs to, counting across rows in order; ``-1`` on padding), ``num_tokens`` (trained tokens),
+    ``num_samples``, and ``pair_index`` / ``num_pairs`` for rows of preference pairs."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
+    sample_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    seen = 0
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         row_ids = torch.tensor(r["input_ids"], dtype=torch.long)
@@ -35,9 +39,21 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         pos[i, :n] = row_pos
         pos[i, n:] = torch.arange(width - n)
         labels[i, :n] = torch.where(keep, row_ids, IGNORE)
-    return {"input_ids": ids, "position_ids": pos, "labels": labels,
+        sample_ids[i, :n] = seen + torch.cumsum(row_pos == 0, 0) - 1
+        seen += int((row_pos == 0).sum())
+    pairs = [k for r in rows for k in r.get("pair_index", [])]
+    return {"input_ids": ids, "position_ids": pos, "labels": labels, "sample_ids": sample_ids,
             "num_tokens": int((labels != IGNORE).sum()), "num_samples": sum(r["num_samples"] for r in rows),
-            "num_input_tokens": sum(len(r["input_ids"]) for r in rows)}
+            "num_input_tokens": sum(len(r["input_ids"]) for r in rows),
+            "pair_index": torch.tensor(pairs, dtype=torch.long), "num_pairs": len(pairs)}
+
+
+def per_sample(values: torch.Tensor, sample_ids: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Sum ``values`` (aligned with targets: ``[B, T-1]``, target ``t`` is token ``t+1``) per sequence."""
+    ids = sample_ids[:, 1:]
+    keep = ids >= 0
+    out = torch.zeros(num_samples, dtype=values.dtype, device=values.device)
+    return out.index_add(0, ids[keep], values[keep])
 
 
 def has_plain_head(model) -> bool:

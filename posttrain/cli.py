@@ -26,6 +26,20 @@ def cmd_sft(args) -> None:
     run_sft(load_config(SFTConfig, args.config, args.overrides))
 
 
+def cmd_dpo(args) -> None:
+    from posttrain.config import DPOConfig, load_config
+    from posttrain.train.dpo import run_dpo
+
+    run_dpo(load_config(DPOConfig, args.config, args.overrides))
+
+
+def cmd_reward(args) -> None:
+    from posttrain.config import RewardConfig, load_config
+    from posttrain.train.reward import run_reward
+
+    run_reward(load_config(RewardConfig, args.config, args.overrides))
+
+
 def cmd_demo(args) -> None:
     from posttrain.demo import run_demo
 
@@ -69,6 +83,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="YAML recipe")
     s.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
     s.set_defaults(func=cmd_sft)
+
+    for name, func, text in (("dpo", cmd_dpo, "preference tuning: dpo, dpo_norm, simpo, ipo (cached reference log-probs)"),
+                             ("reward", cmd_reward, "train a Bradley-Terry reward model (sequence classifier)")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--config", required=True, help="YAML recipe")
+        s.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+        s.set_defaults(func=func)
 
     d = sub.add_parser("demo", help="the main job on its embedded default: a tiny model learns addition by SFT")
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

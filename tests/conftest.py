@@ -65,3 +65,42 @@ def smollm2_dir() -> str:
     from posttrain.models import resolve
 
     return resolve("smollm2-135m-instruct")
+
+
+def parity_question(n: int) -> str:
+    return f"Is {n} even or odd?"
+
+
+def parity_answer(n: int) -> str:
+    return "even" if n % 2 == 0 else "odd"
+
+
+def parity_pairs(numbers: list[int]) -> list[dict]:
+    """Preference pairs: the right parity word is chosen, the other rejected."""
+    return [{"prompt": parity_question(n), "chosen": parity_answer(n),
+             "rejected": "odd" if parity_answer(n) == "even" else "even"} for n in numbers]
+
+
+@pytest.fixture(scope="session")
+def parity_task(tmp_path_factory) -> dict:
+    """A tiny model SFT'd to answer "Is N even or odd?" with a random parity word (so it prefers the
+    right answer no more than chance), with train and held-out preference pairs on disjoint numbers."""
+    import random
+
+    from posttrain.config import SFTConfig, load_config
+    from posttrain.models import build_tiny
+    from posttrain.train.sft import run_sft
+
+    root = tmp_path_factory.mktemp("parity")
+    numbers = random.Random(1).sample(range(100, 10000), 500)
+    train, heldout = numbers[100:400], numbers[:100]
+    build_tiny(root / "base", [f"{parity_question(n)} {parity_answer(n)}" for n in numbers], vocab_size=320, seed=0)
+    rng = random.Random(0)
+    sft = [{"messages": [{"role": "user", "content": parity_question(n)},
+                         {"role": "assistant", "content": rng.choice(["even", "odd"])}]} for n in train]
+    run_sft(load_config(SFTConfig, base={
+        "model": str(root / "base"), "output_dir": str(root / "sft"), "chat_template": "tulu",
+        "datasets": [{"path": str(write_jsonl(root / "sft.jsonl", sft))}], "max_seq_length": 64, "packing": True,
+        "per_device_train_batch_size": 8, "learning_rate": 3e-3, "max_steps": 150, "save_steps": 0}))
+    return {"base": root / "base", "sft": root / "sft", "train": write_jsonl(root / "pairs.jsonl", parity_pairs(train)),
+            "heldout": write_jsonl(root / "heldout.jsonl", parity_pairs(heldout))}

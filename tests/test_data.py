@@ -64,8 +64,9 @@ def test_preference_forms_and_problems():
     same = to_kind({"chosen": msgs("x"), "rejected": msgs("x")}, "preference", "auto", "x")
     assert preference_problem(same) == "identical sides"
     other = {"chosen": msgs("a"), "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}
+    assert preference_problem(to_kind(other, "preference", "auto", "x")) == "prompts differ"
     with pytest.raises(UserError, match="'prompt' must end with a user turn"):
-        to_kind(other, "preference", "auto", "x")
+        to_kind({"prompt": [{"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}, "preference", "auto", "x")
 
 
 def test_json_parquet_and_gz_load_alike(tmp_path):

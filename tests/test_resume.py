@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL resumes from its last complete checkpoint to the same final weights."""
+"""A run killed with SIGKILL resumes from its last complete checkpoint to the same final weights,
+for every training stage (SFT, DPO, reward model)."""
 
 import json
 import os
@@ -7,39 +8,48 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import multi_turn_records, write_jsonl
 from posttrain.train import checkpoint
 
+COMMON = ("per_device_train_batch_size: 4\ngradient_accumulation_steps: 2\nlr_scheduler_type: cosine\n"
+          "warmup_ratio: 0.1\nmax_steps: 240\nsave_steps: 20\nsave_total_limit: 2\nlogging_steps: 1\nseed: 5\n")
 
-def _config(tmp_path, model, data, out):
+
+def _config(tmp_path, stage, model, data, out):
+    extra = {"sft": "max_seq_length: 96\nlearning_rate: 1.0e-3\n",
+             "dpo": "max_seq_length: 64\nlearning_rate: 1.0e-3\nloss_type: dpo_norm\nbeta: 5\n",
+             "reward": "max_seq_length: 64\nlearning_rate: 1.0e-3\n"}[stage]
     p = tmp_path / f"{out.name}.yaml"
     p.write_text(f"model: {model}\noutput_dir: {out}\nchat_template: tulu\ndatasets:\n  - path: {data}\n"
-                 "max_seq_length: 96\nper_device_train_batch_size: 4\ngradient_accumulation_steps: 2\n"
-                 "learning_rate: 1.0e-3\nlr_scheduler_type: cosine\nwarmup_ratio: 0.1\nmax_steps: 300\n"
-                 "save_steps: 20\nsave_total_limit: 2\nlogging_steps: 1\nseed: 5\n")
+                 + extra + COMMON)
     return p
 
 
-def _cmd(cfg):
-    return [sys.executable, "-m", "posttrain.cli", "sft", "--config", str(cfg)]
+def _cmd(stage, cfg):
+    return [sys.executable, "-m", "posttrain.cli", stage, "--config", str(cfg)]
 
 
-def test_sigkill_and_resume_gives_identical_weights(tmp_path, tiny_model_dir):
-    data = write_jsonl(tmp_path / "d.jsonl", multi_turn_records(40))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward"])
+def test_sigkill_and_resume_gives_identical_weights(stage, tmp_path, tiny_model_dir, parity_task):
+    if stage == "sft":
+        model, data = tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", multi_turn_records(40))
+    else:
+        model, data = parity_task["sft"], parity_task["train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POSTTRAIN_CACHE": str(tmp_path / "cache")}
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    subprocess.run(_cmd(_config(tmp_path, tiny_model_dir, data, ref_dir)), check=True, env=env,
+    subprocess.run(_cmd(stage, _config(tmp_path, stage, model, data, ref_dir)), check=True, env=env,
                    capture_output=True, timeout=600)
 
-    cfg = _config(tmp_path, tiny_model_dir, data, run_dir)
-    proc = subprocess.Popen(_cmd(cfg), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg = _config(tmp_path, stage, model, data, run_dir)
+    proc = subprocess.Popen(_cmd(stage, cfg), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         last = checkpoint.latest(run_dir)
-        if last is not None and int(last.name.split("-")[1]) >= 60:
+        if last is not None and int(last.name.split("-")[1]) >= 40:
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
@@ -47,22 +57,23 @@ def test_sigkill_and_resume_gives_identical_weights(tmp_path, tiny_model_dir):
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"
     killed_at = int(checkpoint.latest(run_dir).name.split("-")[1])
-    assert 60 <= killed_at < 300
+    assert 40 <= killed_at < 240
     # debris a crash can leave: a half-written temporary checkpoint and a directory with no state file
     (run_dir / "checkpoints" / ".tmp-checkpoint-999-x").mkdir()
     (run_dir / "checkpoints" / "checkpoint-998").mkdir()
     (run_dir / "checkpoints" / "checkpoint-998" / "optimizer.pt").write_bytes(b"partial")
 
-    resumed = subprocess.run(_cmd(cfg), env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_cmd(stage, cfg), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{killed_at}'}" in resumed.stderr
 
     ref, got = load_file(str(ref_dir / "model.safetensors")), load_file(str(run_dir / "model.safetensors"))
+    assert ref.keys() == got.keys()
     assert max(float((ref[k] - got[k]).abs().max()) for k in ref) <= 1e-6
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 301))
+    assert steps == list(range(1, 241))
     ref_loss = [json.loads(x)["loss"] for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
     got_loss = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert torch.allclose(torch.tensor(ref_loss), torch.tensor(got_loss), atol=1e-6)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["resumed_from"].endswith(f"checkpoint-{killed_at}")
+    assert manifest["resumed_from"].endswith(f"checkpoint-{killed_at}") and manifest["stage"] == stage

@@ -90,13 +90,16 @@ def preference_record(rec: dict, where: str) -> dict:
         while n > 0 and full_c[n - 1]["role"] == "assistant" and full_c[n]["role"] == "assistant":
             n -= 1
         prompt, chosen, rejected = full_c[:n], full_c[n:], full_r[n:]
-    if not prompt or prompt[-1]["role"] != "user":
+    if "prompt" in rec and (not prompt or prompt[-1]["role"] != "user"):
         raise UserError(f"{where}: field 'prompt' must end with a user turn")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_extras(rec)}
 
 
 def preference_problem(rec: dict) -> str | None:
-    """Why a normalised pair cannot be trained on, or None: 'prompts differ' or 'identical sides'."""
+    """Why a normalised pair cannot be trained on, or None: 'prompts differ', 'identical sides' or
+    'empty chosen/rejected response'."""
+    if not rec["prompt"] or rec["prompt"][-1]["role"] != "user":
+        return "prompts differ"
     for side in ("chosen", "rejected"):
         if not rec[side] or any(m["role"] != "assistant" for m in rec[side]):
             return "prompts differ"

@@ -31,7 +31,8 @@ from posttrain.data.mixing import mix
 from posttrain.data.records import preference_problem
 from posttrain.models import load_model, load_tokenizer
 from posttrain.train import reference
-from posttrain.train.logprobs import per_sample
+from posttrain.errors import UserError
+from posttrain.train.logprobs import TokenLogProbs, collate, per_sample
 from posttrain.train.loop import Objective, Result, finished, log, train
 
 
@@ -58,13 +59,16 @@ def preference_loss(loss_type: str, pc, pr, rc, rr, nc, nr, beta: float, label_s
     return losses, rewards[0], rewards[1]
 
 
-def dpo_objective(cfg: DPOConfig, ref: torch.Tensor) -> Objective:
+def dpo_objective(cfg: DPOConfig, ref: torch.Tensor | None) -> Objective:
+    """``ref``: ``[pairs, 2]`` reference log-prob sums (chosen, rejected); None for SimPO."""
+
     def loss(policy, batch, num_pairs):
         logp = policy(batch["input_ids"], batch["position_ids"], batch["labels"])
         sums = per_sample(logp, batch["sample_ids"], batch["num_samples"])
-        r = ref[batch["pair_index"]].to(sums)
-        pc, pr = sums[0::2], sums[1::2]
-        losses, chosen, rejected = preference_loss(cfg.loss_type, pc, pr, r[:, 0], r[:, 1], r[:, 2], r[:, 3],
+        counts = per_sample((batch["labels"][:, 1:] != -100).to(sums), batch["sample_ids"], batch["num_samples"])
+        pc, pr, nc, nr = sums[0::2], sums[1::2], counts[0::2], counts[1::2]
+        r = torch.zeros(len(pc), 2).to(sums) if ref is None else ref[batch["pair_index"].cpu()].to(sums)
+        losses, chosen, rejected = preference_loss(cfg.loss_type, pc, pr, r[:, 0], r[:, 1], nc, nr,
                                                    cfg.beta, cfg.label_smoothing, cfg.gamma_beta_ratio)
         d = lambda x: float(x.detach().sum()) / num_pairs  # noqa: E731
         return losses.sum() / num_pairs, {
@@ -97,6 +101,24 @@ def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[
     return samples, stats
 
 
+@torch.no_grad()
+def preference_accuracy(model, rows: list[dict], pad_id: int, normalize: bool, batch_size: int = 16) -> dict:
+    """Share of pairs where the policy gives the chosen response the higher log-probability
+    (per token when ``normalize``), and the mean log-prob margin."""
+    policy = TokenLogProbs(model)
+    right, margin, n = 0, 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        b = collate(rows[i:i + batch_size], pad_id)
+        logp = policy(b["input_ids"].to(model.device), b["position_ids"].to(model.device), b["labels"].to(model.device))
+        sums = per_sample(logp, b["sample_ids"].to(model.device), b["num_samples"])
+        if normalize:
+            sums = sums / per_sample((b["labels"][:, 1:] != -100).to(sums), b["sample_ids"], b["num_samples"])
+        right += int((sums[0::2] > sums[1::2]).sum())
+        margin += float((sums[0::2] - sums[1::2]).sum())
+        n += b["num_pairs"]
+    return {"preference_accuracy": right / max(n, 1), "logp_margin": margin / max(n, 1), "pairs": n}
+
+
 def run_dpo(cfg: DPOConfig, eval_fn=None) -> Result:
     done = finished(cfg)
     if done is not None:
@@ -112,38 +134,18 @@ def run_dpo(cfg: DPOConfig, eval_fn=None) -> Result:
     rows = packing.pack(samples, 2 * cfg.max_seq_length) if cfg.packing else packing.unpacked(samples)
     stats.update(rows=len(rows), chat_template=template_label)
     log(f"dpo: {stats['pairs']} pairs, {stats['kept']} kept, dropped {stats['dropped'] or 'none'}; {len(rows)} rows")
+    if cfg.eval_datasets and eval_fn is None:
+        eval_pairs, _ = mix(cfg.eval_datasets, "preference", cfg.seed)
+        eval_rows = packing.unpacked(tokenize_pairs(tokenizer, eval_pairs, cfg.max_seq_length)[0])
+        eval_fn = lambda model: preference_accuracy(  # noqa: E731
+            model, eval_rows, tokenizer.pad_token_id, cfg.loss_type != "dpo", cfg.per_device_eval_batch_size)
     model = load_model(cfg.model, cfg.dtype)
-    settings = {"loss_type": cfg.loss_type, "max_seq_length": cfg.max_seq_length, "dtype": cfg.dtype,
-                "template": template}
     ref = None
     if cfg.loss_type != "simpo":
+        settings = {"loss_type": cfg.loss_type, "max_seq_length": cfg.max_seq_length, "dtype": cfg.dtype}
         ref, path, hit = reference.load_or_compute(cfg.model, model, rows, len(samples), tokenizer.pad_token_id,
                                                    cfg.per_device_eval_batch_size, settings)
         stats["reference_cache"] = {"path": str(path), "hit": hit}
         log(f"dpo: reference log-probs {'loaded from' if hit else 'computed and cached in'} {path}")
-    else:
-        ref = torch.zeros(len(samples), 4, dtype=torch.float64)
-        ref[:, 2:] = 1.0  # token counts are read from the batch for SimPO below
-    if cfg.loss_type == "simpo":
-        ref = _token_counts(rows, len(samples))
-    return train(cfg, model, tokenizer, rows, lambda b: collate_rows(b, tokenizer.pad_token_id),
+    return train(cfg, model, tokenizer, rows, lambda b: collate(b, tokenizer.pad_token_id),
                  dpo_objective(cfg, ref), stage="dpo", data=lineage, data_stats=stats, eval_fn=eval_fn)
-
-
-def _token_counts(rows: list[dict], num_pairs: int) -> torch.Tensor:
-    """``[num_pairs, 4]`` with zero reference log-probs and the response token counts (SimPO)."""
-    from posttrain.train.logprobs import collate
-
-    out = torch.zeros(num_pairs, 4, dtype=torch.float64)
-    for r in rows:
-        b = collate([r], 0)
-        counts = per_sample((b["labels"][:, 1:] != -100).double(), b["sample_ids"], b["num_samples"])
-        out[b["pair_index"], 2] = counts[0::2]
-        out[b["pair_index"], 3] = counts[1::2]
-    return out
-
-
-def collate_rows(rows: list[dict], pad_id: int) -> dict:
-    from posttrain.train.logprobs import collate
-
-    return collate(rows, pad_id)

@@ -140,8 +140,10 @@ def _reduce(accelerator, values: dict[str, float]) -> dict[str, float]:
 
 def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callable[[list[dict]], dict],
           objective: Objective, *, stage: str, data: list[dict], data_stats: dict,
-          eval_fn: Callable[[torch.nn.Module], dict] | None = None) -> Result:
-    """Train ``model`` on ``rows`` and write the final checkpoint and manifest to ``cfg.output_dir``."""
+          eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+          wrap: Callable[[torch.nn.Module], torch.nn.Module] = TokenLogProbs) -> Result:
+    """Train ``model`` on ``rows`` and write the final checkpoint and manifest to ``cfg.output_dir``.
+    ``wrap`` puts the module the objective calls around the model (per-token log-probs by default)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -175,7 +177,7 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    policy = TokenLogProbs(model)
+    policy = wrap(model)
     optimizer = _optimizer(cfg, policy)
     scheduler = get_scheduler(SCHEDULES[cfg.lr_scheduler_type], optimizer, num_warmup_steps=warmup,
                               num_training_steps=total)
@@ -298,7 +300,7 @@ def _save_final(model, tokenizer, out: Path, merge_lora: bool) -> None:
     if merge_lora:
         model = model.merge_and_unload()
     stops = stop_token_ids(tokenizer)
-    if model.generation_config is not None and stops:
+    if getattr(model, "generation_config", None) is not None and stops:
         model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-final-"))

@@ -1,8 +1,7 @@
 """Reference log-probabilities, computed once before training and cached on disk.
 
 The reference policy of DPO-style training is the starting policy. One pass of it over the
-tokenized pairs gives, per pair, ``[logp(chosen), logp(rejected), tokens(chosen), tokens(rejected)]``
-(log-probs summed over response tokens). The result is stored under
+tokenized pairs gives, per pair, ``[logp(chosen), logp(rejected)]`` (summed over response tokens). The result is stored under
 ``$POSTTRAIN_CACHE/ref_logps/<key>.safetensors`` where the key hashes the model (path and weight
 files' sizes and modification times, or the hub id), the exact token ids and masks of every pair
 (so data, chat template and truncation are all in it) and the loss settings. Any change gives a
@@ -41,18 +40,17 @@ def cache_key(model_name: str, rows: list[dict], settings: dict) -> str:
 
 @torch.no_grad()
 def compute(model, rows: list[dict], num_pairs: int, pad_id: int, batch_size: int) -> torch.Tensor:
-    """``[num_pairs, 4]``: chosen/rejected log-prob sums and token counts under ``model``."""
+    """``[num_pairs, 2]``: chosen and rejected log-prob sums under ``model``."""
     policy = TokenLogProbs(model)
     was_training = model.training
     model.eval()
-    out = torch.zeros(num_pairs, 4, dtype=torch.float64)
+    out = torch.zeros(num_pairs, 2, dtype=torch.float64)
     for i in range(0, len(rows), batch_size):
         b = collate(rows[i:i + batch_size], pad_id)
         device = model.device
         logp = policy(b["input_ids"].to(device), b["position_ids"].to(device), b["labels"].to(device))
         sums = per_sample(logp, b["sample_ids"].to(device), b["num_samples"]).double().cpu()
-        counts = per_sample((b["labels"][:, 1:] != -100).double(), b["sample_ids"], b["num_samples"])
-        out[b["pair_index"]] = torch.stack([sums[0::2], sums[1::2], counts[0::2], counts[1::2]], dim=1)
+        out[b["pair_index"]] = torch.stack([sums[0::2], sums[1::2]], dim=1)
     model.train(was_training)
     return out
 

@@ -22,17 +22,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+from common import SHARED, matmul_flops, quiet, rate, tiny_model
 
-
-def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t)
+GSM8K = SHARED / "gsm8k" / "train.jsonl"
 
 
 def gsm8k_conversations(n: int) -> list[dict]:
@@ -47,19 +39,9 @@ def gsm8k_conversations(n: int) -> list[dict]:
     return out
 
 
-def tiny_model(workdir: Path) -> str:
-    from posttrain.models import build_tiny
-
-    out = workdir / "tiny"
+def tiny(workdir: Path) -> str:
     texts = [c["prompt"][0]["content"] + " " + c["completion"][0]["content"] for c in gsm8k_conversations(2000)]
-    build_tiny(out, texts, vocab_size=2048, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, seed=0)
-    return str(out)
-
-
-def rate(points: list[tuple[float, float]]) -> float:
-    """Tokens/s between the end of the first step and the end of the last: [(seconds, tokens), ...]."""
-    (t0, n0), (t1, n1) = points[0], points[-1]
-    return (n1 - n0) / (t1 - t0)
+    return tiny_model(workdir / "tiny", texts)
 
 
 def run_posttrain(model: str, data: Path, out: Path, args) -> float:
@@ -113,8 +95,7 @@ def main() -> None:
     args = p.parse_args()
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet()
     from posttrain.models import load_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
@@ -127,7 +108,7 @@ def main() -> None:
     print(f"fp32 matmul (2048^3, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     for name in args.models.split(","):
-        model = tiny_model(work) if name == "tiny" else name
+        model = tiny(work) if name == "tiny" else name
         n_params = sum(p.numel() for p in load_model(model).parameters())
         run_args = argparse.Namespace(**{**vars(args), "steps": args.steps or (30 if name == "tiny" else 4)})
         ours, theirs = [], []

@@ -61,6 +61,9 @@ def test_preference_forms_and_problems():
     msgs = lambda a: [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]  # noqa: E731
     conv_form = to_kind({"chosen": msgs("good"), "rejected": msgs("bad")}, "preference", "auto", "x")
     assert prompt_form == conv_form
+    list_form = to_kind({"prompt": msgs("x")[:1], "chosen": msgs("good")[1:], "rejected": msgs("bad")[1:]},
+                        "preference", "auto", "x")
+    assert list_form == conv_form
     same = to_kind({"chosen": msgs("x"), "rejected": msgs("x")}, "preference", "auto", "x")
     assert preference_problem(same) == "identical sides"
     other = {"chosen": msgs("a"), "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}

@@ -18,15 +18,16 @@ PASSTHROUGH = ("source", "license", "id")
 
 
 def check_messages(messages, where: str, field: str = "messages", need_assistant: bool = True,
-                   allow_empty: bool = False) -> list[dict]:
+                   allow_empty: bool = False, after_user: bool = False) -> list[dict]:
     """Validate a list of chat turns and return it as plain ``{"role", "content"}`` dicts.
-    ``allow_empty`` lets empty assistant turns through (preference pairs report them instead)."""
+    ``allow_empty`` lets empty assistant turns through (preference pairs report them instead);
+    ``after_user``: the turns continue a prompt that has a user turn already."""
     if not isinstance(messages, list):
         raise UserError(f"{where}: field '{field}' must be a list of messages, got {type(messages).__name__}")
     if not messages:
         raise UserError(f"{where}: field '{field}' is an empty list")
     out = []
-    seen_user = False
+    seen_user = after_user
     for i, m in enumerate(messages):
         f = f"{field}[{i}]"
         if not isinstance(m, dict):
@@ -66,7 +67,7 @@ def sft_record(rec: dict, where: str) -> dict:
 def _as_turns(value, role: str, where: str, field: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    return check_messages(value, where, field, need_assistant=False, allow_empty=True)
+    return check_messages(value, where, field, need_assistant=False, allow_empty=True, after_user=role == "assistant")
 
 
 def preference_record(rec: dict, where: str) -> dict:

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import SHARED, matmul_flops, quiet, rate, tiny_model
 
 GSM8K = SHARED / "gsm8k" / "train.jsonl"

@@ -76,7 +76,8 @@ def cmd_model_prepare(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="posttrain", description="Post-train language models: the Tulu 3 recipe, open and reproducible.")
+    p = argparse.ArgumentParser(prog="posttrain",
+                                description="Post-train language models: the Tulu 3 recipe, open and reproducible.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sft", help="supervised fine-tuning (assistant-only loss, packing, LoRA)")

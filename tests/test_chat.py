@@ -1,8 +1,8 @@
 """Assistant-only masks, checked token by token against the rendered text."""
 
 import pytest
-
 from conftest import multi_turn_records
+
 from posttrain.data import chat
 from posttrain.models import load_tokenizer
 from posttrain.train.sft import tokenize_records

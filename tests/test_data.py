@@ -2,8 +2,8 @@ import gzip
 import json
 
 import pytest
-
 from conftest import SHARED, write_jsonl
+
 from posttrain.config import DataSource
 from posttrain.data.adapters import gsm8k_final_answer, parse_hh_text, to_kind
 from posttrain.data.io import read_records

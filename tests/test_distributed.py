@@ -5,9 +5,8 @@ import os
 import subprocess
 import sys
 
-from safetensors.torch import load_file
-
 from conftest import multi_turn_records, write_jsonl
+from safetensors.torch import load_file
 
 
 def test_two_processes_match_one(tmp_path, tiny_model_dir):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import parity_pairs, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
-from conftest import parity_pairs, write_jsonl
 from posttrain.config import DPOConfig, RewardConfig, load_config
 from posttrain.data import chat, packing
 from posttrain.data.adapters import to_kind

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import multi_turn_records, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import multi_turn_records, write_jsonl
 from posttrain.train import checkpoint
 
 COMMON = ("per_device_train_batch_size: 4\ngradient_accumulation_steps: 2\nlr_scheduler_type: cosine\n"

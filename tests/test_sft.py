@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import addition_records, multi_turn_records, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import addition_records, multi_turn_records, write_jsonl
 from posttrain.config import SFTConfig, load_config
 from posttrain.data import chat, packing
 from posttrain.errors import UserError

@@ -63,6 +63,13 @@ def apply_template(tokenizer, template: str) -> None:
     tokenizer.chat_template = template
 
 
+def use_template(tokenizer, name: str | None) -> str:
+    """Resolve a config's ``chat_template`` and apply it; returns its label (for the manifest)."""
+    template, label = resolve_template(tokenizer, name)
+    apply_template(tokenizer, template)
+    return label
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

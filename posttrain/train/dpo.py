@@ -29,9 +29,9 @@ from posttrain.config import DPOConfig
 from posttrain.data import chat, packing
 from posttrain.data.mixing import mix
 from posttrain.data.records import preference_problem
+from posttrain.errors import UserError
 from posttrain.models import load_model, load_tokenizer
 from posttrain.train import reference
-from posttrain.errors import UserError
 from posttrain.train.logprobs import TokenLogProbs, collate, per_sample
 from posttrain.train.loop import Objective, Result, finished, log, train
 
@@ -119,31 +119,40 @@ def preference_accuracy(model, rows: list[dict], pad_id: int, normalize: bool, b
     return {"preference_accuracy": right / max(n, 1), "logp_margin": margin / max(n, 1), "pairs": n}
 
 
-def run_dpo(cfg: DPOConfig, eval_fn=None) -> Result:
-    done = finished(cfg)
-    if done is not None:
-        log(f"dpo: {cfg.output_dir} already holds this finished run; nothing to do")
-        return Result(metrics=done["metrics"], output_dir=cfg.output_dir, skipped=True)
+def prepare_pairs(cfg, stage: str):
+    """Tokenizer (with the config's chat template), pair rows, number of pairs, data stats and
+    lineage: the common start of every stage that trains on preference pairs."""
     tokenizer = load_tokenizer(cfg.model)
-    template, template_label = chat.resolve_template(tokenizer, cfg.chat_template)
-    chat.apply_template(tokenizer, template)
+    template_label = chat.use_template(tokenizer, cfg.chat_template)
     pairs, lineage = mix(cfg.datasets, "preference", cfg.seed)
     samples, stats = tokenize_pairs(tokenizer, pairs, cfg.max_seq_length)
     if not samples:
-        raise UserError(f"dpo: no usable preference pairs (dropped: {stats['dropped']})")
+        raise UserError(f"{stage}: no usable preference pairs (dropped: {stats['dropped']})")
     rows = packing.pack(samples, 2 * cfg.max_seq_length) if cfg.packing else packing.unpacked(samples)
     stats.update(rows=len(rows), chat_template=template_label)
-    log(f"dpo: {stats['pairs']} pairs, {stats['kept']} kept, dropped {stats['dropped'] or 'none'}; {len(rows)} rows")
+    log(f"{stage}: {stats['pairs']} pairs, {stats['kept']} kept, dropped {stats['dropped'] or 'none'}; "
+        f"{len(rows)} rows")
+    return tokenizer, rows, len(samples), stats, lineage
+
+
+def eval_rows(cfg, tokenizer) -> list[dict]:
+    pairs, _ = mix(cfg.eval_datasets, "preference", cfg.seed)
+    return packing.unpacked(tokenize_pairs(tokenizer, pairs, cfg.max_seq_length)[0])
+
+
+def run_dpo(cfg: DPOConfig, eval_fn=None) -> Result:
+    if (done := finished(cfg, "dpo")) is not None:
+        return done
+    tokenizer, rows, num_pairs, stats, lineage = prepare_pairs(cfg, "dpo")
     if cfg.eval_datasets and eval_fn is None:
-        eval_pairs, _ = mix(cfg.eval_datasets, "preference", cfg.seed)
-        eval_rows = packing.unpacked(tokenize_pairs(tokenizer, eval_pairs, cfg.max_seq_length)[0])
+        held = eval_rows(cfg, tokenizer)
         eval_fn = lambda model: preference_accuracy(  # noqa: E731
-            model, eval_rows, tokenizer.pad_token_id, cfg.loss_type != "dpo", cfg.per_device_eval_batch_size)
+            model, held, tokenizer.pad_token_id, cfg.loss_type != "dpo", cfg.per_device_eval_batch_size)
     model = load_model(cfg.model, cfg.dtype)
     ref = None
     if cfg.loss_type != "simpo":
         settings = {"loss_type": cfg.loss_type, "max_seq_length": cfg.max_seq_length, "dtype": cfg.dtype}
-        ref, path, hit = reference.load_or_compute(cfg.model, model, rows, len(samples), tokenizer.pad_token_id,
+        ref, path, hit = reference.load_or_compute(cfg.model, model, rows, num_pairs, tokenizer.pad_token_id,
                                                    cfg.per_device_eval_batch_size, settings)
         stats["reference_cache"] = {"path": str(path), "hit": hit}
         log(f"dpo: reference log-probs {'loaded from' if hit else 'computed and cached in'} {path}")

@@ -93,13 +93,16 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     return last
 
 
-def finished(cfg: TrainConfig) -> dict | None:
-    """The manifest of a finished run of this exact config in ``output_dir``, if there is one."""
+def finished(cfg: TrainConfig, stage: str) -> Result | None:
+    """The result of a finished run of this exact config in ``output_dir``, if there is one."""
     manifest = Path(cfg.output_dir) / "manifest.json"
     if cfg.overwrite_output_dir or not manifest.is_file():
         return None
     m = json.loads(manifest.read_text())
-    return m if m.get("config_hash") == config_hash(cfg) else None
+    if m.get("config_hash") != config_hash(cfg):
+        return None
+    log(f"{stage}: {cfg.output_dir} already holds this finished run; nothing to do")
+    return Result(metrics=m["metrics"], output_dir=Path(cfg.output_dir), skipped=True)
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

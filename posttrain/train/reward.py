@@ -16,12 +16,11 @@ from torch import nn
 
 from posttrain.config import RewardConfig
 from posttrain.data import chat, packing
-from posttrain.data.mixing import mix
 from posttrain.errors import UserError
 from posttrain.models import load_tokenizer, resolve
-from posttrain.train.dpo import tokenize_pairs
+from posttrain.train.dpo import eval_rows, prepare_pairs
 from posttrain.train.logprobs import collate
-from posttrain.train.loop import Objective, Result, finished, log, train
+from posttrain.train.loop import Objective, Result, finished, train
 
 
 class RewardScores(nn.Module):
@@ -87,25 +86,13 @@ def pair_accuracy(model, rows: list[dict], pad_id: int, batch_size: int = 16) ->
 
 
 def run_reward(cfg: RewardConfig) -> Result:
-    done = finished(cfg)
-    if done is not None:
-        log(f"reward: {cfg.output_dir} already holds this finished run; nothing to do")
-        return Result(metrics=done["metrics"], output_dir=cfg.output_dir, skipped=True)
-    tokenizer = load_tokenizer(cfg.model)
-    template, template_label = chat.resolve_template(tokenizer, cfg.chat_template)
-    chat.apply_template(tokenizer, template)
-    pairs, lineage = mix(cfg.datasets, "preference", cfg.seed)
-    samples, stats = tokenize_pairs(tokenizer, pairs, cfg.max_seq_length)
-    if not samples:
-        raise UserError(f"reward: no usable preference pairs (dropped: {stats['dropped']})")
-    rows = packing.pack(samples, 2 * cfg.max_seq_length) if cfg.packing else packing.unpacked(samples)
-    stats.update(rows=len(rows), chat_template=template_label)
-    log(f"reward: {stats['pairs']} pairs, {stats['kept']} kept, dropped {stats['dropped'] or 'none'}")
+    if (done := finished(cfg, "reward")) is not None:
+        return done
+    tokenizer, rows, _, stats, lineage = prepare_pairs(cfg, "reward")
     eval_fn = None
     if cfg.eval_datasets:
-        eval_pairs, _ = mix(cfg.eval_datasets, "preference", cfg.seed)
-        eval_rows = packing.unpacked(tokenize_pairs(tokenizer, eval_pairs, cfg.max_seq_length)[0])
-        eval_fn = lambda model: pair_accuracy(model, eval_rows, tokenizer.pad_token_id,  # noqa: E731
+        held = eval_rows(cfg, tokenizer)
+        eval_fn = lambda model: pair_accuracy(model, held, tokenizer.pad_token_id,  # noqa: E731
                                               cfg.per_device_eval_batch_size)
     torch.manual_seed(cfg.seed)  # the new score head's initialisation
     model = load_reward_model(cfg.model, tokenizer, cfg.dtype)

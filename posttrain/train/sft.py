@@ -77,13 +77,10 @@ def eval_loss_fn(rows: list[dict], pad_id: int, batch_size: int):
 
 
 def run_sft(cfg: SFTConfig, eval_fn=None) -> Result:
-    done = finished(cfg)
-    if done is not None:
-        log(f"sft: {cfg.output_dir} already holds this finished run; nothing to do")
-        return Result(metrics=done["metrics"], output_dir=cfg.output_dir, skipped=True)
+    if (done := finished(cfg, "sft")) is not None:
+        return done
     tokenizer = load_tokenizer(cfg.model)
-    template, template_label = chat.resolve_template(tokenizer, cfg.chat_template)
-    chat.apply_template(tokenizer, template)
+    template_label = chat.use_template(tokenizer, cfg.chat_template)
     records, lineage = mix(cfg.datasets, "sft", cfg.seed)
     samples, stats = tokenize_records(tokenizer, records, cfg.max_seq_length)
     rows = build_rows(samples, cfg.max_seq_length, cfg.packing, cfg.seed)

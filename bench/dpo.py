@@ -55,7 +55,7 @@ def run_posttrain(model: str, data: Path, out: Path, args) -> tuple[float, float
         "model": model, "output_dir": str(out), "datasets": [{"path": str(data)}], "loss_type": "dpo", "beta": 0.1,
         "max_seq_length": args.max_length, "per_device_train_batch_size": args.batch, "max_steps": args.steps,
         "learning_rate": 5e-7, "save_steps": 0, "logging_steps": 1, "overwrite_output_dir": True,
-        "per_device_eval_batch_size": args.batch})
+        "per_device_eval_batch_size": args.batch, "gradient_checkpointing": args.gc})
     os.environ["POSTTRAIN_CACHE"] = str(out / "cache")  # a fresh reference cache: time the reference pass
     t = time.perf_counter()
     run_dpo(cfg)
@@ -87,7 +87,7 @@ def run_trl(model: str, data: Path, out: Path, args) -> tuple[float, float, floa
                        max_length=args.max_length, precompute_ref_log_probs=True,
                        precompute_ref_batch_size=args.batch, use_cpu=True, bf16=False, fp16=False,
                        logging_steps=args.steps, save_strategy="no", report_to=[], dataloader_num_workers=0,
-                       seed=42, disable_tqdm=True)
+                       seed=42, disable_tqdm=True, gradient_checkpointing=args.gc)
     t = time.perf_counter()
     trainer = DPOTrainer(model=load_model(model), args=config, processing_class=load_tokenizer(model),
                          train_dataset=load_dataset("json", data_files=str(data), split="train"),
@@ -108,6 +108,7 @@ def child(args) -> None:
 def spawn(which: str, model: str, data: Path, out: Path, args) -> tuple[float, float, float]:
     cmd = [sys.executable, __file__, "--child", which, "--model", model, "--data", str(data), "--out", str(out),
            "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length)]
+    cmd += ["--gc"] if args.gc else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -123,7 +124,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch", type=int, default=4, help="pairs per step")
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--pairs", type=int, default=200)
+    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--gradient-checkpointing", default="off,on",
+                   help="settings to run, both sides alike (TRL's default is on): off, on or off,on")
+    p.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", choices=["posttrain", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -145,21 +149,24 @@ def main() -> None:
             from posttrain.models import resolve
 
             model = resolve(name)  # converted and cached once, before the runs move the cache
-        run_args = argparse.Namespace(**{**vars(args), "steps": args.steps or (30 if name == "tiny" else 5)})
-        ours, theirs = [], []
-        for r in range(args.rounds):
-            ours.append(spawn("posttrain", model, data, work / f"ours-{name}-{r}", run_args))
-            theirs.append(spawn("trl", model, data, work / f"trl-{name}-{r}", run_args))
-            print(f"{name} round {r + 1}: posttrain {ours[-1][0]:.2f} pairs/s, peak {ours[-1][1]:.0f} MiB, "
-                  f"before training {ours[-1][2]:.1f} s | TRL {theirs[-1][0]:.2f} pairs/s, peak {theirs[-1][1]:.0f} MiB, "
-                  f"before training {theirs[-1][2]:.1f} s", flush=True)
-        med = lambda runs, i: statistics.median(x[i] for x in runs)  # noqa: E731
-        rows.append((name, med(ours, 0), med(theirs, 0), med(ours, 1), med(theirs, 1)))
+        for gc in args.gradient_checkpointing.split(","):
+            run_args = argparse.Namespace(**{**vars(args), "gc": gc == "on",
+                                             "steps": args.steps or (30 if name == "tiny" else 5)})
+            ours, theirs = [], []
+            for r in range(args.rounds):
+                ours.append(spawn("posttrain", model, data, work / f"ours-{name}-{gc}-{r}", run_args))
+                theirs.append(spawn("trl", model, data, work / f"trl-{name}-{gc}-{r}", run_args))
+                print(f"{name} checkpointing {gc} round {r + 1}: posttrain {ours[-1][0]:.2f} pairs/s, "
+                      f"peak {ours[-1][1]:.0f} MiB, before training {ours[-1][2]:.1f} s | TRL {theirs[-1][0]:.2f} "
+                      f"pairs/s, peak {theirs[-1][1]:.0f} MiB, before training {theirs[-1][2]:.1f} s", flush=True)
+            med = lambda runs, i: statistics.median(x[i] for x in runs)  # noqa: E731
+            rows.append((name, gc, med(ours, 0), med(theirs, 0), med(ours, 1), med(theirs, 1)))
     print(f"\n{len(pairs)} hh-rlhf pairs, batch {args.batch} pairs, max length {args.max_length}, fp32, CPU")
-    print("| model | posttrain pairs/s | TRL pairs/s | ratio | posttrain peak RSS MiB | TRL peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
-    for name, o, t, om, tm in rows:
-        print(f"| {name} | {o:.2f} | {t:.2f} | {o / t:.2f}x | {om:.0f} | {tm:.0f} |")
+    print("| model | gradient checkpointing | posttrain pairs/s | TRL pairs/s | ratio | posttrain peak RSS MiB | "
+          "TRL peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, gc, o, t, om, tm in rows:
+        print(f"| {name} | {gc} | {o:.2f} | {t:.2f} | {o / t:.2f}x | {om:.0f} | {tm:.0f} |")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def run_posttrain(model: str, data: Path, out: Path, args) -> float:
     cfg = load_config(SFTConfig, base={
         "model": model, "output_dir": str(out), "datasets": [{"path": str(data)}], "packing": True,
         "max_seq_length": args.max_length, "per_device_train_batch_size": args.batch, "max_steps": args.steps,
-        "learning_rate": 2e-5, "save_steps": 0, "logging_steps": 1, "overwrite_output_dir": True})
+        "learning_rate": 2e-5, "save_steps": 0, "logging_steps": 1, "overwrite_output_dir": True,
+        "gradient_checkpointing": args.gc})
     run_sft(cfg)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return rate([(x["elapsed_seconds"], x["num_input_tokens_seen"]) for x in lines])
@@ -76,7 +77,7 @@ def run_trl(model: str, data: Path, out: Path, args) -> float:
                        gradient_accumulation_steps=1, learning_rate=2e-5, max_length=args.max_length, packing=True,
                        use_cpu=True, bf16=False, fp16=False, logging_steps=args.steps, save_strategy="no", report_to=[],
                        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, seed=42,
-                       disable_tqdm=True)
+                       disable_tqdm=True, gradient_checkpointing=args.gc)
     trainer = SFTTrainer(model=load_model(model), args=config, train_dataset=load_dataset("json", data_files=str(data),
                          split="train"), processing_class=load_tokenizer(model), callbacks=[Clock()])
     trainer.train()
@@ -91,6 +92,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--examples", type=int, default=400)
+    p.add_argument("--gradient-checkpointing", default="off,on",
+                   help="settings to run, both sides alike (TRL's default is on): off, on or off,on")
     args = p.parse_args()
     import transformers
 
@@ -109,18 +112,21 @@ def main() -> None:
     for name in args.models.split(","):
         model = tiny(work) if name == "tiny" else name
         n_params = sum(p.numel() for p in load_model(model).parameters())
-        run_args = argparse.Namespace(**{**vars(args), "steps": args.steps or (30 if name == "tiny" else 4)})
-        ours, theirs = [], []
-        for r in range(args.rounds):
-            ours.append(run_posttrain(model, ours_data, work / f"ours-{name}-{r}", run_args))
-            theirs.append(run_trl(model, trl_data, work / f"trl-{name}-{r}", run_args))
-            print(f"{name} round {r + 1}: posttrain {ours[-1]:.1f} tok/s, TRL {theirs[-1]:.1f} tok/s", flush=True)
-        o, t = statistics.median(ours), statistics.median(theirs)
-        rows.append((name, n_params, o, t, 6 * n_params * o / peak))
-    print("\n| model | params | posttrain tok/s | TRL tok/s | ratio | posttrain FLOP/s vs matmul |")
-    print("|---|---|---|---|---|---|")
-    for name, n, o, t, frac in rows:
-        print(f"| {name} | {n / 1e6:.1f}M | {o:.1f} | {t:.1f} | {o / t:.2f}x | {frac:.0%} |")
+        for gc in args.gradient_checkpointing.split(","):
+            run_args = argparse.Namespace(**{**vars(args), "gc": gc == "on",
+                                             "steps": args.steps or (30 if name == "tiny" else 4)})
+            ours, theirs = [], []
+            for r in range(args.rounds):
+                ours.append(run_posttrain(model, ours_data, work / f"ours-{name}-{gc}-{r}", run_args))
+                theirs.append(run_trl(model, trl_data, work / f"trl-{name}-{gc}-{r}", run_args))
+                print(f"{name} checkpointing {gc} round {r + 1}: posttrain {ours[-1]:.1f} tok/s, "
+                      f"TRL {theirs[-1]:.1f} tok/s", flush=True)
+            o, t = statistics.median(ours), statistics.median(theirs)
+            rows.append((name, gc, n_params, o, t, 6 * n_params * o / peak))
+    print("\n| model | gradient checkpointing | params | posttrain tok/s | TRL tok/s | ratio | posttrain FLOP/s vs matmul |")
+    print("|---|---|---|---|---|---|---|")
+    for name, gc, n, o, t, frac in rows:
+        print(f"| {name} | {gc} | {n / 1e6:.1f}M | {o:.1f} | {t:.1f} | {o / t:.2f}x | {frac:.0%} |")
     print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s; batch {args.batch} x {args.max_length} tokens, packed, fp32; "
           f"torch {torch.__version__}, transformers {transformers.__version__}", file=sys.stdout)
 

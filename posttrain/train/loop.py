@@ -261,6 +261,10 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
                               {"epoch": epoch, "config_hash": config_hash(cfg)}, cfg.save_total_limit)
             accelerator.wait_for_everyone()
     bar.close()
+    # The optimizer state (2x the weights) is no longer needed: free it before the final evaluation
+    # and save, which would otherwise add their own buffers on top of it at the run's peak.
+    del optimizer, scheduler, params
+    accelerator.free_memory()
 
     final = dict(last)
     if eval_fn is not None:

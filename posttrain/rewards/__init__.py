@@ -1,0 +1,29 @@
+"""Verifiers: ``score(response, ground_truth) -> float in [0, 1]``, registered by name.
+
+``get_verifier(name)`` returns the callable. Registered now: ``gsm8k`` (final number), ``math``
+(boxed answer, equivalence by math-verify), ``think_format`` (a ``<think>...</think>`` block then
+an answer). Each module's docstring states its extraction rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from posttrain.errors import UserError
+from posttrain.rewards import format as format_reward
+from posttrain.rewards import gsm8k, math
+
+Verifier = Callable[[str, object], float]
+
+VERIFIERS: dict[str, Verifier] = {
+    "gsm8k": gsm8k.score,
+    "math": math.score,
+    "think_format": format_reward.score,
+}
+
+
+def get_verifier(name: str) -> Verifier:
+    try:
+        return VERIFIERS[name]
+    except KeyError:
+        raise UserError(f"unknown verifier {name!r}; known: {', '.join(sorted(VERIFIERS))}") from None

@@ -9,7 +9,7 @@ completions per prompt, prompt-major.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +31,6 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
     prompt_index: int = 0
-    logprobs: list[float] | None = field(default=None, repr=False)
 
 
 class TransformersEngine:

@@ -4,8 +4,8 @@ import json
 import threading
 
 import pytest
-
 from conftest import SHARED
+
 from posttrain.errors import UserError
 from posttrain.rewards import get_verifier
 from posttrain.rewards.extract import final_answer_line, last_boxed

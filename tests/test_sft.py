@@ -184,3 +184,15 @@ def test_eval_datasets_report_held_out_loss(tmp_path, tiny_model_dir):
     evals = [json.loads(x) for x in (res.output_dir / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x]
     assert [e["step"] for e in evals] == [3, 6] and evals[1]["eval/loss"] < evals[0]["eval/loss"]
     assert res.metrics["eval/loss"] == evals[1]["eval/loss"]
+
+
+def test_tensorboard_logging(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", addition_records(16))
+    res = sft(tmp_path, tiny_model_dir, data, max_steps=3, report_to=["tensorboard"])
+    events = list(res.output_dir.rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in res.output_dir.rglob("*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]

@@ -1,7 +1,8 @@
 """Verifiers: ``score(response, ground_truth) -> float in [0, 1]``, registered by name.
 
 ``get_verifier(name)`` returns the callable. Registered now: ``gsm8k`` (final number), ``math``
-(boxed answer, equivalence by math-verify), ``think_format`` (a ``<think>...</think>`` block then
+(boxed answer, equivalence by math-verify), ``code`` (HumanEval-style tests, run only in the
+sandbox of ``posttrain.rewards.sandbox``), ``think_format`` (a ``<think>...</think>`` block then
 an answer). Each module's docstring states its extraction rules.
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from posttrain.errors import UserError
+from posttrain.rewards import code, gsm8k, math
 from posttrain.rewards import format as format_reward
-from posttrain.rewards import gsm8k, math
 
 Verifier = Callable[[str, object], float]
 
 VERIFIERS: dict[str, Verifier] = {
+    "code": code.score,
     "gsm8k": gsm8k.score,
     "math": math.score,
     "think_format": format_reward.score,

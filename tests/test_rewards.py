@@ -94,5 +94,5 @@ def test_extraction_helpers_and_registry():
     assert last_boxed("a \\boxed{\\frac{1}{2}} b \\boxed{x^{2}}") == "x^{2}"
     assert last_boxed("\\boxed{unclosed") is None and last_boxed("none") is None
     assert final_answer_line("work\nFinal Answer: 42.\n") == "42"
-    with pytest.raises(UserError, match="unknown verifier 'gsm9k'; known: gsm8k, math, think_format"):
+    with pytest.raises(UserError, match="unknown verifier 'gsm9k'; known: code, gsm8k, ifeval, ifeval_loose, math, think_format"):
         get_verifier("gsm9k")

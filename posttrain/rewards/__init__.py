@@ -2,8 +2,8 @@
 
 ``get_verifier(name)`` returns the callable. Registered now: ``gsm8k`` (final number), ``math``
 (boxed answer, equivalence by math-verify), ``code`` (HumanEval-style tests, run only in the
-sandbox of ``posttrain.rewards.sandbox``), ``think_format`` (a ``<think>...</think>`` block then
-an answer). Each module's docstring states its extraction rules.
+sandbox of ``posttrain.rewards.sandbox``), ``ifeval`` / ``ifeval_loose`` (the 25 IFEval instruction types, partial
+credit), ``think_format`` (a ``<think>...</think>`` block then an answer). Each module's docstring states its extraction rules.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from posttrain.errors import UserError
-from posttrain.rewards import code, gsm8k, math
+from posttrain.rewards import code, gsm8k, ifeval, math
 from posttrain.rewards import format as format_reward
 
 Verifier = Callable[[str, object], float]
@@ -19,6 +19,8 @@ Verifier = Callable[[str, object], float]
 VERIFIERS: dict[str, Verifier] = {
     "code": code.score,
     "gsm8k": gsm8k.score,
+    "ifeval": ifeval.score,
+    "ifeval_loose": ifeval.score_loose,
     "math": math.score,
     "think_format": format_reward.score,
 }

@@ -1,0 +1,80 @@
+"""GRPO: group-relative advantages and the clipped surrogate with a KL penalty.
+
+For a prompt with ``G`` sampled completions and rewards ``r_1..r_G``:
+
+- advantages, ``scale_rewards: group``: ``A_i = (r_i − mean(r)) / (std(r) + eps)`` (``std`` unbiased,
+  as TRL); ``scale_rewards: none``: ``A_i = r_i − mean(r)`` (Dr. GRPO). A group whose rewards are all
+  equal has ``A = 0``; ``drop_zero_variance`` masks such groups out of the loss entirely.
+- per token ``t`` of completion ``i``, with ``ρ = exp(logp − logp_old)``:
+  ``L_it = −min(ρ·A_i, clip(ρ, 1 − epsilon, 1 + epsilon_high)·A_i) + β·KL_it``, where
+  ``KL_it = exp(logp_ref − logp) − (logp_ref − logp) − 1`` (the k3 estimator; ``β = 0`` needs no
+  reference model).
+- aggregation over the completions ``i`` and their tokens ``t`` (``|o_i|`` tokens each) of a global
+  batch of ``N`` completions:
+  ``token_mean``: ``Σ_it L_it / Σ_i |o_i|``;
+  ``sequence_mean``: ``(1/N) Σ_i (Σ_t L_it / |o_i|)``;
+  ``dr_grpo``: ``Σ_it L_it / (N · max_completion_length)`` (a constant denominator).
+
+``aggregate`` returns the *numerator* for a micro-batch and names the count the training loop must
+sum over the whole global batch for the denominator, so that gradient accumulation and several
+processes give exactly the loss above (one division, by the global count).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rewards``: ``[num_prompts * group_size]``, groups contiguous. Returns advantages and a mask
+    that is False for completions of zero-variance groups."""
+    r = rewards.view(-1, group_size).float()
+    centered = r - r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+    if scale_rewards == "group":
+        adv = centered / (std + eps)
+    elif scale_rewards == "none":
+        adv = centered
+    else:
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; expected group or none")
+    varied = (std > 0).expand_as(r)
+    return adv.reshape(-1), varied.reshape(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token ``exp(ref − logp) − (ref − logp) − 1`` (non-negative, unbiased for KL(π‖π_ref))."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                 epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+                 ref_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """``L_it`` for ``logp``, ``old_logp``, ``ref_logp`` of shape ``[N, T]`` and ``advantages [N]``."""
+    ratio = torch.exp(logp - old_logp)
+    a = advantages.unsqueeze(1)
+    high = epsilon if epsilon_high is None else epsilon_high
+    loss = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + high) * a)
+    if beta:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs the reference log-probs")
+        loss = loss + beta * k3_kl(logp, ref_logp)
+    return loss
+
+
+AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo")
+
+
+def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str, max_completion_length: int) -> tuple[torch.Tensor, str]:
+    """Numerator of the aggregated loss over this micro-batch, and the batch count to divide by
+    (summed over the global batch by the loop): ``"num_tokens"`` or ``"num_sequences"``; for
+    ``dr_grpo`` the numerator is already divided by ``max_completion_length``."""
+    m = mask.to(losses.dtype)
+    if mode == "token_mean":
+        return (losses * m).sum(), "num_tokens"
+    if mode == "sequence_mean":
+        return ((losses * m).sum(1) / m.sum(1).clamp(min=1)).sum(), "num_sequences"
+    if mode == "dr_grpo":
+        return (losses * m).sum() / max_completion_length, "num_sequences"
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {AGGREGATIONS}")

@@ -1,0 +1,67 @@
+"""The local engine: batched greedy equals unbatched generate, log-probs equal a teacher-forced
+forward, stop strings and finish reasons."""
+
+
+import pytest
+import torch
+from conftest import addition_records, write_jsonl
+
+from posttrain.config import SFTConfig, load_config
+from posttrain.data import chat
+from posttrain.inference.engine import SamplingParams, TransformersEngine
+from posttrain.models import load_model, load_tokenizer
+from posttrain.train.sft import run_sft
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("engine")
+    data = write_jsonl(root / "d.jsonl", addition_records(40))
+    res = run_sft(load_config(SFTConfig, base={
+        "model": str(tiny_model_dir), "output_dir": str(root / "sft"), "chat_template": "tulu",
+        "datasets": [{"path": str(data)}], "max_seq_length": 64, "packing": True, "per_device_train_batch_size": 4,
+        "learning_rate": 3e-3, "max_steps": 60, "save_steps": 0}))
+    return str(res.output_dir)
+
+
+def test_batched_greedy_equals_plain_generate(sft_model):
+    model, tok = load_model(sft_model), load_tokenizer(sft_model)
+    prompts = [r["messages"][:1] for r in addition_records(40)[:10]] + [[{"role": "user", "content": "Hi " * 7}]]
+    outs = TransformersEngine(model, tok, batch_size=4).generate(prompts, SamplingParams(max_new_tokens=6))
+    for o, p in zip(outs, prompts):
+        ids = torch.tensor([chat.prompt_ids(tok, p)])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             eos_token_id=chat.stop_token_ids(tok), pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        ref = ref[:next((j for j, t in enumerate(ref) if t in chat.stop_token_ids(tok)), len(ref))]
+        assert o.token_ids == ref
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_match_a_teacher_forced_forward(sft_model, temperature):
+    model, tok = load_model(sft_model), load_tokenizer(sft_model)
+    prompts = [r["messages"][:1] for r in addition_records(40)[:6]]
+    outs = TransformersEngine(model, tok, batch_size=3).generate(
+        prompts, SamplingParams(max_new_tokens=5, temperature=temperature, seed=3, n=2))
+    assert len(outs) == 12 and [o.prompt_index for o in outs] == [i for i in range(6) for _ in range(2)]
+    t = temperature or 1.0
+    for o in outs:
+        prompt = chat.prompt_ids(tok, prompts[o.prompt_index])
+        ids = torch.tensor([prompt + o.token_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0].float() / t
+        want = [float(torch.log_softmax(logits[len(prompt) - 1 + k], -1)[tok_id]) for k, tok_id in enumerate(o.token_ids)]
+        assert o.logprobs == pytest.approx(want, abs=1e-4)
+        assert len(o.logprobs) == len(o.token_ids)
+
+
+def test_stop_strings_and_finish_reasons(sft_model):
+    model, tok = load_model(sft_model), load_tokenizer(sft_model)
+    engine = TransformersEngine(model, tok)
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    full = engine.generate([prompt], SamplingParams(max_new_tokens=8))[0]
+    assert full.finish_reason == "stop" and full.text  # ended on the end-of-turn token
+    short = engine.generate([prompt], SamplingParams(max_new_tokens=1))[0]
+    assert short.finish_reason == "length" and len(short.token_ids) == 1
+    first = full.text[0]
+    cut = engine.generate([prompt], SamplingParams(max_new_tokens=8, stop=[first]))[0]
+    assert cut.text == "" and cut.finish_reason == "stop" and len(cut.token_ids) >= 1

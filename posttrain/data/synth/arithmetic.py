@@ -38,8 +38,3 @@ def addition_record(a: int, b: int) -> dict:
     return {"messages": [{"role": "user", "content": addition_question(a, b)},
                          {"role": "assistant", "content": str(a + b)}],
             "source": "synthetic/addition", "license": "CC0-1.0"}
-
-
-def addition_verifiable(a: int, b: int) -> dict:
-    return {"messages": [{"role": "user", "content": addition_question(a, b)}],
-            "ground_truth": str(a + b), "verifier": "gsm8k", "source": "synthetic/addition", "license": "CC0-1.0"}

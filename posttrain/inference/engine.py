@@ -1,11 +1,17 @@
 """The generation interface: ``Engine.generate(prompts, sampling) -> list[Completion]``.
 
-``TransformersEngine`` is the local engine: batched, left-padded, KV-cached ``model.generate``.
-A prompt is a list of chat messages (rendered with the tokenizer's chat template and its
-generation prompt) or a plain string (used as is). Generation ends at the tokenizer's stop ids
-(``chat.stop_token_ids``), at the end of one of ``SamplingParams.stop`` strings (the text is cut
-before it), or after ``max_new_tokens``. With ``n > 1`` the result holds ``n`` completions per
-prompt, prompt-major.
+``TransformersEngine`` is the local engine. A prompt is a list of chat messages (rendered with the
+tokenizer's chat template and its generation prompt) or a plain string (used as is). Prompts are
+sorted by length and cut into batches of ``batch_size`` (less padding), left-padded, and decoded by
+``StaticDecoder`` (a preallocated KV cache, see static_decoder.py) for Llama-family models, or by
+``model.generate`` for any other model; results come back in prompt order. Generation ends at the
+tokenizer's stop ids (``chat.stop_token_ids``), at the end of one of ``SamplingParams.stop`` strings
+(the text is cut before it), or after ``max_new_tokens``. With ``n > 1`` the result holds ``n``
+completions per prompt, prompt-major.
+
+Sampling follows ``generate``: logits / temperature, then top-k, then top-p (nucleus: the smallest
+set of tokens whose probability reaches ``top_p``), then a draw from a ``torch.Generator`` seeded with
+``SamplingParams.seed`` (the global RNG is left alone). ``temperature = 0`` is greedy.
 
 ``Completion.logprobs[k]`` is the log-probability of ``token_ids[k]`` under the model's
 distribution at the sampling temperature (``log_softmax(logits / T)``, ``T = 1`` for greedy),
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from posttrain.data import chat
+from posttrain.inference import static_decoder
 
 
 @dataclass
@@ -41,6 +48,20 @@ class Completion:
     logprobs: list[float] = field(default_factory=list, repr=False)
 
 
+def truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits with the tokens outside top-k and outside the top-p nucleus set to ``-inf``."""
+    if top_k and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=False, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[..., -1] = False  # always keep the most likely token
+        scaled = scaled.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scaled
+
+
 class TransformersEngine:
     def __init__(self, model, tokenizer, batch_size: int = 8):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -55,45 +76,91 @@ class TransformersEngine:
     def generate(self, prompts: list, sampling: SamplingParams | None = None) -> list[Completion]:
         sampling = sampling or SamplingParams()
         encoded = [(i, self._encode(p)) for i, p in enumerate(prompts) for _ in range(sampling.n)]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        order = sorted(range(len(encoded)), key=lambda j: (len(encoded[j][1]), j))
         was_training = self.model.training
         self.model.eval()
-        if sampling.temperature > 0:
-            torch.manual_seed(sampling.seed)
+        generator = torch.Generator(device=self.model.device).manual_seed(sampling.seed)
+        results: list[Completion | None] = [None] * len(encoded)
+        try:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                new, logprobs = self._batch([encoded[j][1] for j in chunk], sampling, generator)
+                for r, j in enumerate(chunk):
+                    results[j] = self._completion(new[r], logprobs[r], encoded[j][0], sampling.stop)
+        finally:
+            self.model.train(was_training)
+        return results
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+
+    def _batch(self, prompts: list[list[int]], sampling: SamplingParams, generator) -> tuple[list, list]:
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, ids in enumerate(prompts):
+            input_ids[r, width - len(ids):] = torch.tensor(ids)
+            attention[r, width - len(ids):] = 1
+        input_ids, attention = input_ids.to(self.model.device), attention.to(self.model.device)
+        if static_decoder.supports(self.model, width + sampling.max_new_tokens):
+            return self._decode_static(input_ids, attention, sampling, generator)
+        return self._decode_generate(input_ids, attention, sampling, generator)
+
+    def _decode_static(self, input_ids, attention, sampling: SamplingParams, generator) -> tuple[list, list]:
+        B = input_ids.shape[0]
         temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-        out: list[Completion] = []
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start:start + self.batch_size]
-            width = max(len(ids) for _, ids in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (_, ids) in enumerate(chunk):
-                input_ids[r, width - len(ids):] = torch.tensor(ids)
-                attention[r, width - len(ids):] = 1
+        stop_ids = torch.tensor(self.stop_ids, device=input_ids.device)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        steps: list[torch.Tensor] = []
+        logprobs: list[torch.Tensor] = []
+        longest_stop = max((len(s) for s in sampling.stop), default=0)
+
+        def pick(logits: torch.Tensor):
+            scaled = logits / temperature
             if sampling.temperature > 0:
-                kwargs = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                              top_k=sampling.top_k or None)
+                probs = truncate(scaled, sampling.top_k, sampling.top_p).softmax(-1)
+                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
-                kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if sampling.stop:
-                kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
-            gen = self.model.generate(input_ids=input_ids.to(self.model.device), attention_mask=attention.to(self.model.device),
-                                      max_new_tokens=sampling.max_new_tokens, eos_token_id=self.stop_ids,
-                                      pad_token_id=pad, output_logits=True, return_dict_in_generate=True, **kwargs)
-            logits = torch.stack(gen.logits, dim=1).float() / temperature  # [B, new, V]
-            new_tokens = gen.sequences[:, width:]
-            token_logprobs = torch.log_softmax(logits, -1).gather(-1, new_tokens[:, :logits.shape[1], None]).squeeze(-1)
-            for r, (pi, _) in enumerate(chunk):
-                out.append(self._completion(new_tokens[r].tolist(), token_logprobs[r].tolist(), pi, sampling.stop))
-        self.model.train(was_training)
-        return out
+                tokens = logits.argmax(-1)
+            logprobs.append(torch.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(1))
+            tokens = tokens.masked_fill(done, self.pad_id)
+            steps.append(tokens)
+            done.logical_or_(torch.isin(tokens, stop_ids))
+            if longest_stop:
+                history = torch.stack(steps, 1)
+                for r in (~done).nonzero().flatten().tolist():
+                    tail = self.tokenizer.decode(history[r, -(longest_stop + 2):].tolist(), skip_special_tokens=True)
+                    if any(s in tail for s in sampling.stop):
+                        done[r] = True
+            return tokens, done
+
+        new = static_decoder.StaticDecoder(self.model).decode(input_ids, attention, sampling.max_new_tokens, pick)
+        return new.tolist(), torch.stack(logprobs, 1).tolist()
+
+    def _decode_generate(self, input_ids, attention, sampling: SamplingParams, generator) -> tuple[list, list]:
+        if sampling.temperature > 0:
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            kwargs = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k or None)
+        else:
+            kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if sampling.stop:
+            kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+        gen = self.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_new_tokens,
+                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id, output_logits=True,
+                                  return_dict_in_generate=True, **kwargs)
+        temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        logits = torch.stack(gen.logits, dim=1).float() / temperature  # [B, new, V]
+        new = gen.sequences[:, input_ids.shape[1]:]
+        logprobs = torch.log_softmax(logits, -1).gather(-1, new[:, :logits.shape[1], None]).squeeze(-1)
+        return new.tolist(), logprobs.tolist()
 
     def _completion(self, new: list[int], logprobs: list[float], prompt_index: int, stops: list[str]) -> Completion:
         """Tokens up to the first stop id (or the padding after a row that stopped early); the text
         also cut before the first stop string. The tokens keep what was sampled up to the point
         generation stopped (a stop string's own tokens included), so their log-probs stay aligned."""
-        pad = self.tokenizer.pad_token_id
-        end = next((j for j, t in enumerate(new) if t in self.stop_ids or t == pad), None)
+        end = next((j for j, t in enumerate(new) if t in self.stop_ids or t == self.pad_id), None)
         tokens = new if end is None else new[:end]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         reason = "length" if end is None else "stop"

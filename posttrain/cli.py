@@ -40,6 +40,13 @@ def cmd_reward(args) -> None:
     run_reward(load_config(RewardConfig, args.config, args.overrides))
 
 
+def cmd_rlvr(args) -> None:
+    from posttrain.config import RLVRConfig, load_config
+    from posttrain.train.rlvr import run_rlvr
+
+    run_rlvr(load_config(RLVRConfig, args.config, args.overrides))
+
+
 def cmd_demo(args) -> None:
     from posttrain.demo import run_demo
 
@@ -86,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sft)
 
     for name, func, text in (("dpo", cmd_dpo, "preference tuning: dpo, dpo_norm, simpo, ipo (cached reference log-probs)"),
-                             ("reward", cmd_reward, "train a Bradley-Terry reward model (sequence classifier)")):
+                             ("reward", cmd_reward, "train a Bradley-Terry reward model (sequence classifier)"),
+                             ("rlvr", cmd_rlvr, "RL with verifiable rewards: GRPO or PPO on prompts with checkable answers")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--config", required=True, help="YAML recipe")
         s.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)

@@ -34,7 +34,8 @@ class DataSource:
     count: int | None = None
     fraction: float | None = None
     license: str | None = None
-    format: Literal["auto", "messages", "prompt_completion", "gsm8k", "hh_rlhf", "preference"] = "auto"
+    format: Literal["auto", "messages", "prompt_completion", "gsm8k", "hh_rlhf", "preference", "math", "ifeval",
+                    "humaneval"] = "auto"
 
     def validate(self, where: str) -> None:
         if not self.path:
@@ -300,3 +301,68 @@ class RewardConfig(TrainConfig):
         super().validate()
         if not self.datasets:
             raise UserError("config: key 'datasets' is required: a list of preference sources")
+
+
+@dataclass
+class RLVRConfig(TrainConfig):
+    """Reinforcement learning with verifiable rewards (see posttrain.train.rlvr). Names follow TRL's
+    GRPOConfig/PPOConfig where they exist. A step samples ``num_generations`` completions for each of
+    ``per_device_train_batch_size * gradient_accumulation_steps * processes / num_generations``
+    prompts, scores them, and makes ``num_iterations`` optimizer updates on that batch."""
+
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    learning_rate: float = 1e-6
+    # rollouts
+    num_generations: int = 8
+    max_prompt_length: int = 512
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    generation_batch_size: int = 64  # completions decoded together by the engine
+    # rewards: score = sum_v verifier_weights[v] * verifier_v  (+ format_reward_weight * format)
+    #                  - unfinished_penalty (completions that hit max_completion_length)
+    verifier_weights: dict = field(default_factory=dict)  # verifier name -> weight (default 1.0)
+    format_reward: str | None = None  # e.g. think_format
+    format_reward_weight: float = 0.5
+    unfinished_penalty: float = 0.0
+    reward_scale: float = 1.0  # multiplies the verifier score (Tulu 3 PPO: 10)
+    # the objective
+    beta: float = 0.0  # KL to the initial policy (0: no reference model kept)
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    num_iterations: int = 1  # optimizer updates per rollout batch (PPO epochs)
+    # grpo
+    scale_rewards: Literal["group", "none"] = "group"
+    loss_type: Literal["token_mean", "sequence_mean", "dr_grpo"] = "token_mean"
+    drop_zero_variance: bool = False
+    # ppo
+    value_model: str | None = None  # a reward model directory to start the value head from; None: the policy
+    reward_model: str | None = None  # add this reward model's score to the verifier reward
+    reward_model_weight: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.1
+    cliprange_value: float = 0.2
+    whiten_advantages: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.datasets:
+            raise UserError("config: key 'datasets' is required: a list of verifiable-prompt sources")
+        for key in ("num_generations", "max_prompt_length", "max_completion_length", "generation_batch_size",
+                    "num_iterations"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"config: key '{key}' must be > 0, got {getattr(self, key)}")
+        if self.algorithm == "grpo" and self.num_generations < 2:
+            raise UserError("config: grpo needs num_generations >= 2 (advantages are relative to the group)")
+        if self.per_device_train_batch_size * self.gradient_accumulation_steps % self.num_generations:
+            raise UserError(f"config: per_device_train_batch_size x gradient_accumulation_steps "
+                            f"({self.per_device_train_batch_size * self.gradient_accumulation_steps}) must be a "
+                            f"multiple of num_generations ({self.num_generations}): whole groups per process")
+        if self.temperature <= 0:
+            raise UserError(f"config: key 'temperature' must be > 0 for RL sampling, got {self.temperature}")
+        if self.beta < 0 or self.epsilon <= 0:
+            raise UserError("config: keys 'beta' must be >= 0 and 'epsilon' > 0")
+        if self.use_peft and self.beta > 0:
+            raise UserError("config: use_peft with beta > 0 is not supported (the reference would share the adapter's base)")

@@ -32,7 +32,7 @@ def test_batched_greedy_equals_plain_generate(sft_model):
         ids = torch.tensor([chat.prompt_ids(tok, p)])
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              eos_token_id=chat.stop_token_ids(tok), pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
-        ref = ref[:next((j for j, t in enumerate(ref) if t in chat.stop_token_ids(tok)), len(ref))]
+        ref = ref[:next((j + 1 for j, t in enumerate(ref) if t in chat.stop_token_ids(tok)), len(ref))]
         assert o.token_ids == ref
 
 

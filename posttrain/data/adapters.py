@@ -8,6 +8,12 @@ Formats (``format:`` of a data source; ``auto`` detects them from the keys):
   annotations ``<<48/2=24>>`` are removed from the solution text.
 - ``hh_rlhf``: ``{"chosen", "rejected"}`` as raw ``\\n\\nHuman: ... \\n\\nAssistant: ...`` text.
 - ``preference``: ``{"chosen", "rejected"}`` message lists, or ``{"prompt", "chosen", "rejected"}``.
+
+Verifiable prompts (``kind: verifiable``) also come from: ``gsm8k`` (ground truth = the ``####``
+number, verifier ``gsm8k``), ``math`` (MATH / MATH-500: ``{"problem", "answer"}`` or only a
+``solution`` whose last ``\\boxed{}`` is the answer; verifier ``math``), ``ifeval`` (IFEval's
+``{"prompt", "instruction_id_list", "kwargs"}``; verifier ``ifeval``) and ``humaneval``
+(``{"prompt", "test", "entry_point"}``: the user turn asks to complete the function; verifier ``code``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ def detect_format(rec: dict) -> str:
         return "messages"
     if {"question", "answer"} <= keys:
         return "gsm8k"
+    if "problem" in keys and ("answer" in keys or "solution" in keys):
+        return "math"
+    if "instruction_id_list" in keys:
+        return "ifeval"
+    if {"test", "entry_point"} <= keys:
+        return "humaneval"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
     return "messages"  # validation then names the missing field
@@ -81,8 +93,37 @@ def to_kind(rec: dict, kind: str, fmt: str, where: str) -> dict:
             rec = {**rec, "messages": [{"role": "user", "content": _field(rec, "question", where)}],
                    "ground_truth": gsm8k_final_answer(_field(rec, "answer", where)),
                    "verifier": rec.get("verifier", "gsm8k")}
+        elif fmt == "math":
+            rec = {**rec, "messages": [{"role": "user", "content": _field(rec, "problem", where)}],
+                   "ground_truth": _math_answer(rec, where), "verifier": rec.get("verifier", "math")}
+        elif fmt == "ifeval":
+            ids, kwargs = rec.get("instruction_id_list"), rec.get("kwargs")
+            if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
+                raise UserError(f"{where}: fields 'instruction_id_list' and 'kwargs' must be lists of equal length")
+            rec = {**rec, "messages": [{"role": "user", "content": _field(rec, "prompt", where)}],
+                   "ground_truth": {"instruction_id_list": ids, "kwargs": kwargs}, "verifier": rec.get("verifier", "ifeval")}
+        elif fmt == "humaneval":
+            code = _field(rec, "prompt", where)
+            rec = {**rec, "messages": [{"role": "user", "content": HUMANEVAL_INSTRUCTION + code}],
+                   "ground_truth": {"test": _field(rec, "test", where), "entry_point": _field(rec, "entry_point", where),
+                                    "prompt": code},
+                   "verifier": rec.get("verifier", "code"), "id": rec.get("task_id", rec.get("id"))}
         return records.verifiable_record(rec, where)
     raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
+
+
+HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a code block.\n\n"
+
+
+def _math_answer(rec: dict, where: str) -> str:
+    if isinstance(rec.get("answer"), str) and rec["answer"].strip():
+        return rec["answer"]
+    from posttrain.rewards.extract import last_boxed
+
+    boxed = last_boxed(_field(rec, "solution", where))
+    if boxed is None:
+        raise UserError(f"{where}: field 'answer' is missing and field 'solution' has no \\boxed{{}} answer")
+    return boxed
 
 
 def _field(rec: dict, key: str, where: str) -> str:

@@ -1,7 +1,7 @@
 """The generation interface: ``Engine.generate(prompts, sampling) -> list[Completion]``.
 
 ``TransformersEngine`` is the local engine. A prompt is a list of chat messages (rendered with the
-tokenizer's chat template and its generation prompt) or a plain string (used as is). Prompts are
+tokenizer's chat template and its generation prompt), a plain string (used as is) or a list of token ids. Prompts are
 sorted by length and cut into batches of ``batch_size`` (less padding), left-padded, and decoded by
 ``StaticDecoder`` (a preallocated KV cache, see static_decoder.py) for Llama-family models, or by
 ``model.generate`` for any other model; results come back in prompt order. Generation ends at the
@@ -42,7 +42,7 @@ class SamplingParams:
 @dataclass
 class Completion:
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # ends with the stop token when generation stopped on one
     finish_reason: str  # "stop" (a stop token or string) or "length" (max_new_tokens)
     prompt_index: int = 0
     logprobs: list[float] = field(default_factory=list, repr=False)
@@ -62,12 +62,17 @@ def truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return scaled
 
 
+FINISHED = -1  # the token slot of a row that has already stopped
+
+
 class TransformersEngine:
     def __init__(self, model, tokenizer, batch_size: int = 8):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stop_ids = chat.stop_token_ids(tokenizer)
 
     def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return list(prompt)  # already token ids
         if isinstance(prompt, str):
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return chat.prompt_ids(self.tokenizer, prompt)
@@ -124,7 +129,7 @@ class TransformersEngine:
             else:
                 tokens = logits.argmax(-1)
             logprobs.append(torch.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(1))
-            tokens = tokens.masked_fill(done, self.pad_id)
+            tokens = tokens.masked_fill(done, FINISHED)
             steps.append(tokens)
             done.logical_or_(torch.isin(tokens, stop_ids))
             if longest_stop:
@@ -154,15 +159,20 @@ class TransformersEngine:
         logits = torch.stack(gen.logits, dim=1).float() / temperature  # [B, new, V]
         new = gen.sequences[:, input_ids.shape[1]:]
         logprobs = torch.log_softmax(logits, -1).gather(-1, new[:, :logits.shape[1], None]).squeeze(-1)
-        return new.tolist(), logprobs.tolist()
+        # generate pads a row after its stop token: mark those slots finished (a sampled pad id stays a token)
+        stops = torch.isin(new, torch.tensor(self.stop_ids, device=new.device)).long()
+        after = (stops.cumsum(1) - stops) > 0
+        return new.masked_fill(after, FINISHED).tolist(), logprobs.tolist()
 
     def _completion(self, new: list[int], logprobs: list[float], prompt_index: int, stops: list[str]) -> Completion:
-        """Tokens up to the first stop id (or the padding after a row that stopped early); the text
-        also cut before the first stop string. The tokens keep what was sampled up to the point
-        generation stopped (a stop string's own tokens included), so their log-probs stay aligned."""
-        end = next((j for j, t in enumerate(new) if t in self.stop_ids or t == self.pad_id), None)
-        tokens = new if end is None else new[:end]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        """The sampled tokens up to and including the first stop id (as vLLM returns them: a trainer
+        needs the end-of-turn token to teach stopping), or up to the ``FINISHED`` slots after a row that
+        stopped on a stop string. The text leaves the stop token out and is cut before the first stop
+        string; the tokens keep everything sampled, so their log-probs stay aligned."""
+        end = next((j for j, t in enumerate(new) if t in self.stop_ids or t == FINISHED), None)
+        stopped_on_token = end is not None and new[end] in self.stop_ids
+        tokens = new if end is None else new[:end + 1] if stopped_on_token else new[:end]
+        text = self.tokenizer.decode(new[:end] if end is not None else new, skip_special_tokens=True)
         reason = "length" if end is None else "stop"
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:

@@ -108,6 +108,7 @@ class StaticDecoder:
             if (done is not None and bool(done.all())) or t == max_new_tokens - 1:
                 break
             step_mask = real[:, None, None, :W + t + 1]
-            logits = self._forward(tokens[:, None], next_pos, k_cache, v_cache, W + t, step_mask)
+            # a finished row may carry a negative marker: feed it any valid id, its output is unused
+            logits = self._forward(tokens.clamp(min=0)[:, None], next_pos, k_cache, v_cache, W + t, step_mask)
             next_pos = next_pos + 1
         return out[:, :steps]

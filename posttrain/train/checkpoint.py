@@ -55,8 +55,10 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
 
 
-def save(output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, limit: int) -> Path:
-    """Write checkpoint ``step`` atomically and keep at most ``limit`` (0: all) complete ones."""
+def save(output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, limit: int,
+         extra_models: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically and keep at most ``limit`` (0: all) complete ones.
+    ``extra_models`` (name -> model, e.g. PPO's value model) are saved in subdirectories."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
@@ -64,6 +66,8 @@ def save(output_dir: str | Path, step: int, model, tokenizer, optimizer, schedul
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-checkpoint-{step}-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for name, extra in (extra_models or {}).items():
+        extra.save_pretrained(tmp / name)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng_state.pt")
@@ -96,8 +100,10 @@ def load_weights(model, ckpt: Path) -> None:
         raise RuntimeError(f"{ckpt}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
 
 
-def load(ckpt: Path, model, optimizer, scheduler) -> dict:
+def load(ckpt: Path, model, optimizer, scheduler, extra_models: dict | None = None) -> dict:
     load_weights(model, ckpt)
+    for name, extra in (extra_models or {}).items():
+        load_weights(extra, ckpt / name)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True))

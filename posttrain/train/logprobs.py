@@ -63,10 +63,13 @@ def has_plain_head(model) -> bool:
 
 
 class TokenLogProbs(nn.Module):
-    def __init__(self, model: nn.Module):
+    """``temperature``: log-probs of ``softmax(logits / temperature)``, the distribution RL samples from."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.fast = has_plain_head(model)
+        self.temperature = temperature
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = labels[:, 1:]
@@ -78,5 +81,8 @@ class TokenLogProbs(nn.Module):
         else:
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[:, :-1][sel]
         out = torch.zeros(target.shape, dtype=torch.float32, device=input_ids.device)
-        out[sel] = -F.cross_entropy(logits.float(), target[sel], reduction="none")
+        logits = logits.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        out[sel] = -F.cross_entropy(logits, target[sel], reduction="none")
         return out

@@ -105,7 +105,7 @@ def finished(cfg: TrainConfig, stage: str) -> Result | None:
     return Result(metrics=m["metrics"], output_dir=Path(cfg.output_dir), skipped=True)
 
 
-def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -116,7 +116,7 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=True)
 
 
-def _apply_peft(cfg: TrainConfig, model):
+def apply_peft(cfg: TrainConfig, model):
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -124,14 +124,14 @@ def _apply_peft(cfg: TrainConfig, model):
     return get_peft_model(model, lora)
 
 
-def _trim_metrics(path: Path, upto: int) -> None:
+def trim_metrics(path: Path, upto: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= upto]
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _reduce(accelerator, values: dict[str, float]) -> dict[str, float]:
+def reduce_sum(accelerator, values: dict[str, float]) -> dict[str, float]:
     """Sum a dict of floats over processes (every process has the same keys)."""
     if accelerator.num_processes == 1:
         return values
@@ -176,12 +176,12 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
     warmup = math.ceil(cfg.warmup_ratio * total)
 
     if cfg.use_peft:
-        model = _apply_peft(cfg, model)
+        model = apply_peft(cfg, model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     policy = wrap(model)
-    optimizer = _optimizer(cfg, policy)
+    optimizer = make_optimizer(cfg, policy)
     scheduler = get_scheduler(SCHEDULES[cfg.lr_scheduler_type], optimizer, num_warmup_steps=warmup,
                               num_training_steps=total)
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
     if resume_from is not None:
         start = ckpt_mod.load(resume_from, inner, optimizer, scheduler)["step"]
         if is_main:
-            _trim_metrics(metrics_path, start)
+            trim_metrics(metrics_path, start)
             log(f"{stage}: resuming from {resume_from} (step {start} of {total})")
     elif is_main:
         metrics_path.unlink(missing_ok=True)
@@ -218,7 +218,7 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
         mine = mine[accelerator.process_index * per_proc:(accelerator.process_index + 1) * per_proc]
         bs = cfg.per_device_train_batch_size
         batches = [collate([rows[i] for i in mine[j:j + bs]]) for j in range(0, per_proc, bs)]
-        n_items = _reduce(accelerator, {"n": sum(b[objective.items_key] for b in batches)})["n"]
+        n_items = reduce_sum(accelerator, {"n": sum(b[objective.items_key] for b in batches)})["n"]
         sums: dict[str, float] = {"loss": 0.0}
         for j, batch in enumerate(batches):
             tensors = {key: v.to(accelerator.device) for key, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        sums = _reduce(accelerator, sums)
+        sums = reduce_sum(accelerator, sums)
         done = step + 1
         elapsed = time.time() - t_run
         last = {"step": done, "epoch": round(step / steps_per_epoch, 4), **{k: round(v, 6) for k, v in sums.items()},
@@ -253,7 +253,7 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
         if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < total:
-            _evaluate(accelerator, eval_fn, inner, done, metrics_path)
+            evaluate_main(accelerator, eval_fn, inner, done, metrics_path)
         if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total:
             accelerator.wait_for_everyone()
             if is_main:
@@ -268,9 +268,9 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
 
     final = dict(last)
     if eval_fn is not None:
-        final.update(_evaluate(accelerator, eval_fn, inner, total, metrics_path))
+        final.update(evaluate_main(accelerator, eval_fn, inner, total, metrics_path))
     if is_main:
-        _save_final(inner, tokenizer, out, cfg.use_peft)
+        save_final(inner, tokenizer, out, cfg.use_peft)
         final["train_seconds"] = round(time.time() - t_run, 2)
         write_json(out / "manifest.json", manifest_mod.build(
             stage, cfg, data=data, data_stats=data_stats, metrics=final, started=started,
@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
     return Result(metrics=final, output_dir=out)
 
 
-def _evaluate(accelerator, eval_fn, model, step: int, metrics_path: Path) -> dict:
+def evaluate_main(accelerator, eval_fn, model, step: int, metrics_path: Path) -> dict:
     result = {}
     if accelerator.is_main_process:
         model.eval()
@@ -297,7 +297,7 @@ def _evaluate(accelerator, eval_fn, model, step: int, metrics_path: Path) -> dic
     return result
 
 
-def _save_final(model, tokenizer, out: Path, merge_lora: bool) -> None:
+def save_final(model, tokenizer, out: Path, merge_lora: bool) -> None:
     """Save the final model and tokenizer beside the manifest: into a temporary directory first,
     then each file renamed into ``out``; ``manifest.json`` (written last) marks the run complete."""
     import tempfile

@@ -38,3 +38,10 @@ def addition_record(a: int, b: int) -> dict:
     return {"messages": [{"role": "user", "content": addition_question(a, b)},
                          {"role": "assistant", "content": str(a + b)}],
             "source": "synthetic/addition", "license": "CC0-1.0"}
+
+
+def addition_prompt(a: int, b: int) -> dict:
+    """A verifiable-prompt record (RLVR, evaluation): the question, the sum as ground truth, checked
+    by the ``gsm8k`` verifier (the last number of the response)."""
+    return {"messages": [{"role": "user", "content": addition_question(a, b)}], "ground_truth": str(a + b),
+            "verifier": "gsm8k", "source": "synthetic/addition", "license": "CC0-1.0"}

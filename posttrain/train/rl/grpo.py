@@ -51,9 +51,10 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                  epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
                  ref_logp: torch.Tensor | None = None) -> torch.Tensor:
-    """``L_it`` for ``logp``, ``old_logp``, ``ref_logp`` of shape ``[N, T]`` and ``advantages [N]``."""
+    """``L_it`` for ``logp``, ``old_logp``, ``ref_logp`` of shape ``[N, T]`` and ``advantages [N]`` (one
+    per sequence, GRPO) or ``[N, T]`` (one per token, PPO)."""
     ratio = torch.exp(logp - old_logp)
-    a = advantages.unsqueeze(1)
+    a = advantages.unsqueeze(1) if advantages.ndim == 1 else advantages
     high = epsilon if epsilon_high is None else epsilon_high
     loss = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + high) * a)
     if beta:

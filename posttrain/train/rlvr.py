@@ -466,7 +466,7 @@ def _update(cfg: RLVRConfig, accelerator, module, optimizer, batches: list[dict]
                 pg = grpo.token_losses(logp, t["old_logp"], t["advantages"], cfg.epsilon, cfg.epsilon_high)
                 vf = ppo.value_losses(values, t["old_values"], t["returns"], cfg.cliprange_value)
                 numerator = ((pg + cfg.vf_coef * vf) * mask).sum()
-                sums["value_loss"] = sums.get("value_loss", 0.0) + float((vf * mask).sum())
+                sums["value_loss"] = sums.get("value_loss", 0.0) + float((vf.detach() * mask).sum())
             loss = numerator / max(n_items, 1.0)
             accelerator.backward(loss * world)
         with torch.no_grad():

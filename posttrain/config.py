@@ -320,6 +320,8 @@ class RLVRConfig(TrainConfig):
     top_p: float = 1.0
     top_k: int = 0
     generation_batch_size: int = 64  # completions decoded together by the engine
+    # a prompt computed once for its completions in the update (see posttrain.train.rl.rows)
+    share_prompt: Literal["auto", "always", "never"] = "auto"
     # rewards: score = sum_v verifier_weights[v] * verifier_v  (+ format_reward_weight * format)
     #                  - unfinished_penalty (completions that hit max_completion_length)
     verifier_weights: dict = field(default_factory=dict)  # verifier name -> weight (default 1.0)

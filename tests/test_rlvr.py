@@ -21,7 +21,7 @@ from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.models import build_tiny, load_model, load_tokenizer
 from posttrain.train import checkpoint
-from posttrain.train.rlvr import Scorer, accuracy_fn, prepare_prompts, rl_collate, run_rlvr, samples_from
+from posttrain.train.rlvr import Scorer, accuracy_fn, completion_records, micro_batches, prepare_prompts, run_rlvr
 from posttrain.train.sft import run_sft
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -77,17 +77,41 @@ def rollout_batch(task, n_prompts=8):
     return cfg, tok, model, engine, mine, comps
 
 
-def test_rollout_logprobs_line_up_with_the_training_forward(mod2_task):
+@pytest.mark.parametrize("share", ["always", "never"])
+def test_rollout_logprobs_line_up_with_the_training_forward(mod2_task, share):
     from posttrain.train.logprobs import TokenLogProbs
+    from posttrain.train.rl.rows import model_inputs
 
     cfg, tok, model, engine, mine, comps = rollout_batch(mod2_task)
     assert all(c.token_ids[-1] in engine.stop_ids for c in comps if c.finish_reason == "stop")
-    batch = rl_collate(samples_from(mine, comps), engine.pad_id)
+    records = completion_records(mine, comps)
+    (batch,) = micro_batches(mine, records, 64, share, engine.pad_id, ("old_logp",))
+    assert batch["input_ids"].shape[0] == (8 if share == "always" else 64) and batch["num_sequences"] == 64
     with torch.no_grad():
-        logp = TokenLogProbs(model)(batch["input_ids"], batch["position_ids"], batch["labels"])
+        logp = TokenLogProbs(model)(*model_inputs(batch, "cpu"))
     sel = batch["labels"][:, 1:] != -100
-    assert int(sel.sum()) == sum(len(c.token_ids) for c in comps)
+    assert int(sel.sum()) == batch["num_tokens"] == sum(len(c.token_ids) for c in comps)
     assert float((logp - batch["old_logp"])[sel].abs().max()) <= 1e-4
+
+
+def test_a_shared_prompt_row_gives_the_gradients_of_separate_rows(mod2_task):
+    from posttrain.train.logprobs import TokenLogProbs
+    from posttrain.train.rl.rows import model_inputs
+
+    cfg, tok, model, engine, mine, comps = rollout_batch(mod2_task, n_prompts=4)
+    records = completion_records(mine, comps)
+    results = []
+    for share in ("always", "never"):
+        model.zero_grad()
+        (batch,) = micro_batches(mine, records, 64, share, engine.pad_id, ("old_logp",))
+        logp = TokenLogProbs(model)(*model_inputs(batch, "cpu"))
+        sel = batch["labels"][:, 1:] != -100
+        values = logp[sel]
+        (values * torch.linspace(-1, 1, values.numel())).sum().backward()
+        results.append((values.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, atol=1e-5)
+    assert max(float((ga[n] - gb[n]).abs().max()) for n in ga) <= 1e-5
 
 
 @pytest.mark.parametrize("loss_type", ["token_mean", "sequence_mean", "dr_grpo"])
@@ -98,23 +122,23 @@ def test_one_update_is_the_same_for_any_micro_batch_split(mod2_task, loss_type):
     from posttrain.train.loop import make_optimizer
     from posttrain.train.rlvr import _prepare_advantages, _update
 
-    cfg, tok, model, engine, mine, comps = rollout_batch(mod2_task)
+    _, tok, model, engine, mine, comps = rollout_batch(mod2_task)
     cfg = rl_config(mod2_task, "unused", loss_type=loss_type, beta=0.0)
     scores, _ = Scorer(cfg, ["gsm8k"])(mine, comps)
     weights = []
-    for micro in (64, 16):
+    for micro, share in ((64, "always"), (16, "never"), (24, "auto")):
         torch.manual_seed(0)
         m = load_model(cfg.model)
         policy = TokenLogProbs(m)
         opt = make_optimizer(cfg, policy)
-        rows = samples_from(mine, comps)
-        chunks = [rows[j:j + micro] for j in range(0, len(rows), micro)]
-        _prepare_advantages(cfg, Accelerator(cpu=True), policy, None, chunks, scores, engine.pad_id)
-        batches = [rl_collate(c, engine.pad_id) for c in chunks]
+        records = completion_records(mine, comps)
+        _prepare_advantages(cfg, Accelerator(cpu=True), policy, None, mine, records, scores, engine.pad_id)
+        batches = micro_batches(mine, records, micro, share, engine.pad_id, ("old_logp", "advantages"))
         key = "num_tokens" if loss_type == "token_mean" else "num_sequences"
         _update(cfg, Accelerator(cpu=True), policy, opt, batches, sum(b[key] for b in batches), list(policy.parameters()))
         weights.append({k: v.detach().clone() for k, v in m.state_dict().items()})
-    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) <= 1e-5
+    for other in weights[1:]:
+        assert max(float((weights[0][k] - other[k]).abs().max()) for k in weights[0]) <= 1e-5
 
 
 def test_grpo_raises_heldout_accuracy_by_15_points(mod2_task, tmp_path):

@@ -3,7 +3,8 @@
 ``TransformersEngine`` is the local engine. A prompt is a list of chat messages (rendered with the
 tokenizer's chat template and its generation prompt), a plain string (used as is) or a list of token ids. Prompts are
 sorted by length and cut into batches of ``batch_size`` (less padding), left-padded, and decoded by
-``StaticDecoder`` (a preallocated KV cache, see static_decoder.py) for Llama-family models, or by
+``StaticDecoder`` (a preallocated KV cache, see static_decoder.py; each distinct prompt of a batch is
+prefilled once, however many samples it has) for Llama-family models, or by
 ``model.generate`` for any other model; results come back in prompt order. Generation ends at the
 tokenizer's stop ids (``chat.stop_token_ids``), at the end of one of ``SamplingParams.stop`` strings
 (the text is cut before it), or after ``max_new_tokens``. With ``n > 1`` the result holds ``n``
@@ -100,20 +101,26 @@ class TransformersEngine:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
 
-    def _batch(self, prompts: list[list[int]], sampling: SamplingParams, generator) -> tuple[list, list]:
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)
         for r, ids in enumerate(prompts):
             input_ids[r, width - len(ids):] = torch.tensor(ids)
             attention[r, width - len(ids):] = 1
-        input_ids, attention = input_ids.to(self.model.device), attention.to(self.model.device)
-        if static_decoder.supports(self.model, width + sampling.max_new_tokens):
-            return self._decode_static(input_ids, attention, sampling, generator)
-        return self._decode_generate(input_ids, attention, sampling, generator)
+        return input_ids.to(self.model.device), attention.to(self.model.device)
 
-    def _decode_static(self, input_ids, attention, sampling: SamplingParams, generator) -> tuple[list, list]:
-        B = input_ids.shape[0]
+    def _batch(self, prompts: list[list[int]], sampling: SamplingParams, generator) -> tuple[list, list]:
+        width = max(len(ids) for ids in prompts)
+        if static_decoder.supports(self.model, width + sampling.max_new_tokens):
+            distinct: dict[tuple, int] = {}
+            rows = torch.tensor([distinct.setdefault(tuple(ids), len(distinct)) for ids in prompts])
+            input_ids, attention = self._left_padded([list(ids) for ids in distinct])
+            return self._decode_static(input_ids, attention, sampling, generator, rows.to(self.model.device))
+        return self._decode_generate(*self._left_padded(prompts), sampling, generator)
+
+    def _decode_static(self, input_ids, attention, sampling: SamplingParams, generator, rows) -> tuple[list, list]:
+        B = rows.shape[0]
         temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         stop_ids = torch.tensor(self.stop_ids, device=input_ids.device)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -140,7 +147,7 @@ class TransformersEngine:
                         done[r] = True
             return tokens, done
 
-        new = static_decoder.StaticDecoder(self.model).decode(input_ids, attention, sampling.max_new_tokens, pick)
+        new = static_decoder.StaticDecoder(self.model).decode(input_ids, attention, sampling.max_new_tokens, pick, rows)
         return new.tolist(), torch.stack(logprobs, 1).tolist()
 
     def _decode_generate(self, input_ids, attention, sampling: SamplingParams, generator) -> tuple[list, list]:

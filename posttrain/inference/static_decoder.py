@@ -80,16 +80,19 @@ class StaticDecoder:
         return self.model.lm_head(inner.norm(x[:, -1])).float()
 
     @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, pick) -> torch.Tensor:
-        B, W = input_ids.shape
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, pick,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``rows`` (optional, ``[B_out]``): output row ``r`` continues prompt ``rows[r]``. Each distinct
+        prompt is prefilled once and its cache copied to its rows (``n`` samples of one prompt)."""
+        U, W = input_ids.shape
         total = W + max_new_tokens
         device = input_ids.device
         dtype = self.model.model.embed_tokens.weight.dtype
         n_layers = len(self.model.model.layers)
-        shape = (B, self.kv_heads, total, self.head_dim)
+        shape = (U, self.kv_heads, total, self.head_dim)
         k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        real = torch.zeros((B, total), dtype=torch.bool, device=device)
+        real = torch.zeros((U, total), dtype=torch.bool, device=device)
         real[:, :W] = attention_mask.bool()
         real[:, W:] = True
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -99,6 +102,11 @@ class StaticDecoder:
         mask |= torch.eye(W, dtype=torch.bool, device=device)[None]
         logits = self._forward(input_ids, positions, k_cache, v_cache, 0, mask[:, None])
         next_pos = positions[:, -1:] + 1
+        if rows is not None:
+            k_cache = [k.index_select(0, rows) for k in k_cache]
+            v_cache = [v.index_select(0, rows) for v in v_cache]
+            logits, real, next_pos = logits[rows], real[rows], next_pos[rows]
+        B = logits.shape[0]
         out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
         steps = 0
         for t in range(max_new_tokens):

@@ -71,18 +71,27 @@ class TokenLogProbs(nn.Module):
         self.fast = has_plain_head(model)
         self.temperature = temperature
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, pred_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask`` (optional): a boolean ``[B, 1, T, T]`` mask used as is; ``pred_index``
+        (optional, ``[B, T-1]``): the position whose output predicts token ``t+1`` (default ``t``),
+        for rows whose sequences branch (posttrain.train.rl.rows)."""
         target = labels[:, 1:]
         sel = target != IGNORE
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
         if self.fast:
-            hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                              use_cache=False).last_hidden_state
-            logits = self.model.get_output_embeddings()(hidden[:, :-1][sel])
+            states = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                              **extra).last_hidden_state
         else:
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[:, :-1][sel]
-        out = torch.zeros(target.shape, dtype=torch.float32, device=input_ids.device)
-        logits = logits.float()
+            states = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
+        if pred_index is None:
+            picked = states[:, :-1][sel]
+        else:
+            picked = states[torch.arange(states.shape[0], device=states.device)[:, None].expand_as(pred_index)[sel],
+                            pred_index[sel]]
+        logits = (self.model.get_output_embeddings()(picked) if self.fast else picked).float()
         if self.temperature != 1.0:
             logits = logits / self.temperature
+        out = torch.zeros(target.shape, dtype=torch.float32, device=input_ids.device)
         out[sel] = -F.cross_entropy(logits, target[sel], reduction="none")
         return out

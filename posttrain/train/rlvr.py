@@ -49,7 +49,7 @@ from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rewards import get_verifier
 from posttrain.train import checkpoint as ckpt_mod
-from posttrain.train.logprobs import IGNORE, TokenLogProbs, collate
+from posttrain.train.logprobs import IGNORE, TokenLogProbs
 from posttrain.train.loop import (
     SCHEDULES,
     Result,
@@ -63,6 +63,8 @@ from posttrain.train.loop import (
     trim_metrics,
 )
 from posttrain.train.rl import grpo, ppo
+from posttrain.train.rl.rows import collate as rows_collate
+from posttrain.train.rl.rows import group_rows, model_inputs
 
 
 def prepare_prompts(tokenizer, records: list[dict], max_prompt_length: int) -> tuple[list[dict], dict]:
@@ -135,12 +137,19 @@ class ValueModel(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids, labels):
+    def forward(self, input_ids, position_ids, labels, attention_mask=None, pred_index=None):
         target = labels[:, 1:]
         sel = target != IGNORE
-        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                       **extra).last_hidden_state
+        if pred_index is None:
+            picked = hidden[:, :-1][sel]
+        else:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(pred_index)
+            picked = hidden[rows[sel], pred_index[sel]]
         out = torch.zeros(target.shape, dtype=torch.float32, device=input_ids.device)
-        out[sel] = self.model.score(hidden[:, :-1][sel]).squeeze(-1).float()
+        out[sel] = self.model.score(picked).squeeze(-1).float()
         return out
 
 
@@ -152,8 +161,8 @@ class PolicyAndValue(nn.Module):
         self.policy, self.value = policy, value
         self.model = policy.model
 
-    def forward(self, input_ids, position_ids, labels):
-        return self.policy(input_ids, position_ids, labels), self.value(input_ids, position_ids, labels)
+    def forward(self, *inputs):
+        return self.policy(*inputs), self.value(*inputs)
 
 
 def load_value_model(cfg: RLVRConfig, tokenizer) -> ValueModel:
@@ -166,32 +175,32 @@ def load_value_model(cfg: RLVRConfig, tokenizer) -> ValueModel:
     return ValueModel(model)
 
 
-def samples_from(prompts: list[dict], completions: list) -> list[dict]:
-    """Training rows: prompt + completion, the completion's tokens trained, its sampling log-probs kept."""
+def completion_records(prompts: list[dict], completions: list) -> list[dict]:
+    """One record per completion: its prompt index, tokens and sampling log-probs (the old policy's)."""
+    return [{"prompt": c.prompt_index, "token_ids": c.token_ids, "old_logp": c.logprobs} for c in completions]
+
+
+def micro_batches(prompts: list[dict], records: list[dict], size: int, share: str, pad: int,
+                  keys: tuple[str, ...]) -> list[dict]:
+    """Collated micro-batches of ``size`` completions each; within one, the completions of a prompt
+    share a row (posttrain.train.rl.rows) as ``share`` decides. Carries the per-token ``keys``."""
     out = []
-    for c in completions:
-        ids = prompts[c.prompt_index]["ids"]
-        out.append({"input_ids": ids + c.token_ids, "labels_mask": [False] * len(ids) + [True] * len(c.token_ids),
-                    "position_ids": list(range(len(ids) + len(c.token_ids))), "num_samples": 1,
-                    "old_logp": c.logprobs})
+    for j in range(0, len(records), size):
+        chunk, rows = records[j:j + size], []
+        for i in dict.fromkeys(r["prompt"] for r in chunk):
+            mine = [{"token_ids": r["token_ids"], **{k: r[k] for k in keys}} for r in chunk if r["prompt"] == i]
+            rows += group_rows(prompts[i]["ids"], mine, share)
+        out.append(rows_collate(rows, pad))
     return out
 
 
-def rl_collate(rows: list[dict], pad_id: int) -> dict:
-    """``logprobs.collate`` plus the per-token fields of the rows scattered into the ``[B, T-1]``
-    target layout (``old_logp``, and after scoring ``ref_logp``, ``old_values``, ``advantages`` ...),
-    the per-sequence ``seq_advantages``, and ``num_sequences`` (rows with a trained token)."""
-    batch = collate(rows, pad_id)
-    sel = batch["labels"][:, 1:] != IGNORE
-    for key in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
-        if key in rows[0]:
-            t = torch.zeros(sel.shape, dtype=torch.float32)
-            t[sel] = torch.tensor([v for r in rows if any(r["labels_mask"]) for v in r[key]], dtype=torch.float32)
-            batch[key] = t
-    if "seq_advantage" in rows[0]:
-        batch["seq_advantages"] = torch.tensor([r["seq_advantage"] for r in rows], dtype=torch.float32)
-    batch["num_sequences"] = int(sel.any(1).sum())
-    return batch
+def split_tokens(values: torch.Tensor, batch: dict, records: list[dict]):
+    """Hand ``[B, T-1]`` per-target values of a micro-batch back to its completion records (in order)."""
+    flat = values[(batch["labels"][:, 1:] != IGNORE).to(values.device)].tolist()
+    for r in records:
+        n = len(r["token_ids"])
+        yield r, flat[:n]
+        flat = flat[n:]
 
 
 def select_prompts(cfg: RLVRConfig, n_prompts: int, step: int, per_step: int, rank: int, world: int) -> list[int]:
@@ -313,11 +322,11 @@ def run_rlvr(cfg: RLVRConfig) -> Result:
         completions = engine.generate([p["ids"] for p in mine], sampling)
         t_gen = time.time() - t0
         scores, rollout_metrics = scorer(mine, completions)
-        rows = samples_from(mine, completions)
-        bs = cfg.per_device_train_batch_size
-        chunks = [rows[j:j + bs] for j in range(0, len(rows), bs)]
-        rollout_metrics.update(_prepare_advantages(cfg, accelerator, module, reference, chunks, scores, pad))
-        batches = [rl_collate(c, pad) for c in chunks]
+        records = completion_records(mine, completions)
+        rollout_metrics.update(_prepare_advantages(cfg, accelerator, module, reference, mine, records, scores, pad))
+        keys = ("old_logp", "advantages") + (("ref_logp",) if needs_ref and cfg.algorithm == "grpo" else ()) + (
+            ("old_values", "returns") if cfg.algorithm == "ppo" else ()) + (("keep",) if "keep" in records[0] else ())
+        batches = micro_batches(mine, records, cfg.per_device_train_batch_size, cfg.share_prompt, pad, keys)
         n_items = reduce_sum(accelerator, {"n": sum(b[items_key] for b in batches)})["n"]
         t_score = time.time() - t0 - t_gen
         sums: dict[str, float] = {}
@@ -383,64 +392,54 @@ def run_rlvr(cfg: RLVRConfig) -> Result:
 
 
 @torch.no_grad()
-def _prepare_advantages(cfg: RLVRConfig, accelerator, module, reference, chunks: list[list[dict]],
+def _prepare_advantages(cfg: RLVRConfig, accelerator, module, reference, prompts: list[dict], records: list[dict],
                         scores: torch.Tensor, pad: int) -> dict:
-    """Attach ``ref_logp`` (beta > 0) and the advantages to the rows of ``chunks`` (in place)."""
+    """Attach ``ref_logp`` (beta > 0), ``advantages`` (per token) and, for PPO, ``old_values`` and
+    ``returns`` to the completion records (in place)."""
     device = accelerator.device
-    rows = [r for c in chunks for r in c]
+    size = cfg.per_device_train_batch_size
     metrics: dict[str, float] = {}
+    forwards = []
     if reference is not None:
-        for chunk in chunks:
-            b = collate(chunk, pad)
-            sel = b["labels"][:, 1:] != IGNORE
-            logp = reference(b["input_ids"].to(device), b["position_ids"].to(device), b["labels"].to(device))
-            flat = logp[sel.to(device)].tolist()
-            for r in chunk:
-                n = len(r["old_logp"])
-                r["ref_logp"], flat = flat[:n], flat[n:]
+        forwards.append(("ref_logp", reference))
+    if cfg.algorithm == "ppo":
+        forwards.append(("old_values", accelerator.unwrap_model(module).value))
+    for key, net in forwards:
+        was_training = net.training
+        net.eval()
+        for j, batch in enumerate(micro_batches(prompts, records, size, cfg.share_prompt, pad, ())):
+            out = net(*model_inputs(batch, device))
+            for r, values in split_tokens(out, batch, records[j * size:(j + 1) * size]):
+                r[key] = values
+        net.train(was_training)
     if cfg.algorithm == "grpo":
         adv, varied = grpo.group_advantages(scores, cfg.num_generations, cfg.scale_rewards)
-        for r, a, keep in zip(rows, adv.tolist(), varied.tolist()):
-            r["seq_advantage"] = a
-            if cfg.drop_zero_variance and not keep:
-                r["labels_mask"] = [False] * len(r["labels_mask"])  # out of the loss and of its count
+        for r, a, keep in zip(records, adv.tolist(), varied.tolist()):
+            r["advantages"] = [a] * len(r["token_ids"])
+            if cfg.drop_zero_variance:  # out of the loss and of its denominator
+                r["keep"] = [float(keep)] * len(r["token_ids"])
         metrics["zero_variance"] = float((~varied).sum())
         return metrics
-    # PPO: values of the rollout, per-token rewards, GAE, whitening over the global batch
-    value = accelerator.unwrap_model(module).value
-    value.eval()
-    per_chunk = []
-    offset = 0
-    for chunk in chunks:
-        b = collate(chunk, pad)
-        sel = b["labels"][:, 1:] != IGNORE
-        values = value(b["input_ids"].to(device), b["position_ids"].to(device), b["labels"].to(device)).cpu()
-        old = torch.zeros(sel.shape)
-        old[sel] = torch.tensor([v for r in chunk for v in r["old_logp"]])
-        ref = None
-        if "ref_logp" in chunk[0]:
-            ref = torch.zeros(sel.shape)
-            ref[sel] = torch.tensor([v for r in chunk for v in r["ref_logp"]])
-        s = scores[offset:offset + len(chunk)]
-        offset += len(chunk)
-        rewards = ppo.token_rewards(s, old, ref, sel, cfg.beta)
-        adv, returns = ppo.gae(rewards, values, sel, cfg.gamma, cfg.lam)
-        per_chunk.append((chunk, sel, values, adv, returns))
+    # PPO: per-token rewards with the KL penalty, GAE per completion, whitening over the global batch
+    n, width = len(records), max(len(r["token_ids"]) for r in records)
+    mask = torch.zeros((n, width), dtype=torch.bool)
+    logp, values = torch.zeros((n, width)), torch.zeros((n, width))
+    ref = torch.zeros((n, width)) if reference is not None else None
+    for i, r in enumerate(records):
+        k = len(r["token_ids"])
+        mask[i, :k] = True
+        logp[i, :k], values[i, :k] = torch.tensor(r["old_logp"]), torch.tensor(r["old_values"])
         if ref is not None:
-            metrics["kl"] = metrics.get("kl", 0.0) + float(((old - ref) * sel).sum())
-    value.train()
+            ref[i, :k] = torch.tensor(r["ref_logp"])
+    rewards = ppo.token_rewards(scores, logp, ref, mask, cfg.beta)
+    adv, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if ref is not None:
+        metrics["kl"] = float(((logp - ref) * mask).sum())
     if cfg.whiten_advantages:
-        stats: dict[str, float] = {"sum": 0.0, "sumsq": 0.0, "count": 0.0}
-        for _, sel, _, adv, _ in per_chunk:
-            for k, v in ppo.whiten_stats(adv, sel).items():
-                stats[k] += v
-        stats = reduce_sum(accelerator, stats)
-    for chunk, sel, values, adv, returns in per_chunk:
-        if cfg.whiten_advantages:
-            adv = ppo.whiten(adv, sel, stats)
-        for i, r in enumerate(chunk):
-            m = sel[i]
-            r["advantages"], r["returns"], r["old_values"] = adv[i][m].tolist(), returns[i][m].tolist(), values[i][m].tolist()
+        adv = ppo.whiten(adv, mask, reduce_sum(accelerator, ppo.whiten_stats(adv, mask)))
+    for i, r in enumerate(records):
+        k = len(r["token_ids"])
+        r["advantages"], r["returns"] = adv[i, :k].tolist(), returns[i, :k].tolist()
     return metrics
 
 
@@ -454,15 +453,18 @@ def _update(cfg: RLVRConfig, accelerator, module, optimizer, batches: list[dict]
     for j, batch in enumerate(batches):
         t = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         mask = t["labels"][:, 1:] != IGNORE
+        if "keep" in t:
+            mask = mask & (t["keep"] > 0)
+        inputs = model_inputs(batch, device)
         sync = j == len(batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(module):
             if cfg.algorithm == "grpo":
-                logp = module(t["input_ids"], t["position_ids"], t["labels"])
-                per_token = grpo.token_losses(logp, t["old_logp"], t["seq_advantages"], cfg.epsilon, cfg.epsilon_high,
+                logp = module(*inputs)
+                per_token = grpo.token_losses(logp, t["old_logp"], t["advantages"], cfg.epsilon, cfg.epsilon_high,
                                               cfg.beta, t.get("ref_logp"))
-                numerator, _ = grpo.aggregate(per_token, mask, cfg.loss_type, cfg.max_completion_length)
+                numerator, _ = grpo.aggregate(per_token, mask, cfg.loss_type, cfg.max_completion_length, t["seq_index"])
             else:
-                logp, values = module(t["input_ids"], t["position_ids"], t["labels"])
+                logp, values = module(*inputs)
                 pg = grpo.token_losses(logp, t["old_logp"], t["advantages"], cfg.epsilon, cfg.epsilon_high)
                 vf = ppo.value_losses(values, t["old_values"], t["returns"], cfg.cliprange_value)
                 numerator = ((pg + cfg.vf_coef * vf) * mask).sum()

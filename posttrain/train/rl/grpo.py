@@ -67,15 +67,23 @@ def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
 AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo")
 
 
-def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str, max_completion_length: int) -> tuple[torch.Tensor, str]:
+def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str, max_completion_length: int,
+              seq_index: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """Numerator of the aggregated loss over this micro-batch, and the batch count to divide by
     (summed over the global batch by the loop): ``"num_tokens"`` or ``"num_sequences"``; for
-    ``dr_grpo`` the numerator is already divided by ``max_completion_length``."""
+    ``dr_grpo`` the numerator is already divided by ``max_completion_length``. ``seq_index`` names
+    the completion of every token when a row holds several (default: one completion per row)."""
     m = mask.to(losses.dtype)
     if mode == "token_mean":
         return (losses * m).sum(), "num_tokens"
     if mode == "sequence_mean":
-        return ((losses * m).sum(1) / m.sum(1).clamp(min=1)).sum(), "num_sequences"
+        if seq_index is None:
+            return ((losses * m).sum(1) / m.sum(1).clamp(min=1)).sum(), "num_sequences"
+        ids = seq_index[mask]
+        n = int(ids.max()) + 1 if ids.numel() else 0
+        sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, ids, losses[mask])
+        counts = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, ids, m[mask])
+        return (sums[counts > 0] / counts[counts > 0]).sum(), "num_sequences"
     if mode == "dr_grpo":
         return (losses * m).sum() / max_completion_length, "num_sequences"
     raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {AGGREGATIONS}")

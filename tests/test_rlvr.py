@@ -240,3 +240,24 @@ def test_public_files_load_as_verifiable_prompts(path, verifier, n):
         assert get_verifier("code")(raw["canonical_solution"], first["ground_truth"]) == 1.0
     if verifier == "ifeval":
         assert set(first["ground_truth"]) == {"instruction_id_list", "kwargs"}
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_two_processes_train_in_step(mod2_task, tmp_path, algorithm):
+    """torchrun with 2 CPU processes (gloo): each samples whole groups, the loss is normalised by the
+    global batch, metrics are global sums, and the run ends with one model and manifest."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {mod2_task['sft']}\nalgorithm: {algorithm}\ndatasets:\n  - path: {mod2_task['train']}\n"
+                   "max_completion_length: 4\nnum_generations: 8\nper_device_train_batch_size: 16\n"
+                   "gradient_accumulation_steps: 2\nlearning_rate: 1.0e-3\nmax_steps: 4\nsave_steps: 2\nbeta: 0.05\n")
+    out = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "posttrain.cli",
+                           "rlvr", "--config", str(cfg), f"output_dir={out}"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 per step x 8 generations" in proc.stderr and "2 process(es)" in proc.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(0.0 <= r["verified"] <= 1.0 and r["completion_tokens"] >= 1 for r in rows)
+    assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
+    assert (out / "model.safetensors").is_file()

@@ -70,6 +70,7 @@ class TransformersEngine:
     def __init__(self, model, tokenizer, batch_size: int = 8):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stop_ids = chat.stop_token_ids(tokenizer)
+        self._packed: tuple[tuple, dict] = ((), {})
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -147,8 +148,17 @@ class TransformersEngine:
                         done[r] = True
             return tokens, done
 
-        new = static_decoder.StaticDecoder(self.model).decode(input_ids, attention, sampling.max_new_tokens, pick, rows)
+        new = static_decoder.StaticDecoder(self.model, self._packed_weights(B)).decode(
+            input_ids, attention, sampling.max_new_tokens, pick, rows)
         return new.tolist(), torch.stack(logprobs, 1).tolist()
+
+    def _packed_weights(self, batch: int) -> dict:
+        """Prepacked weights for the decode steps, rebuilt only when a parameter changed in place
+        (an optimizer step bumps its version counter) or the batch size changed."""
+        key = (batch, tuple(p._version for p in self.model.parameters()), tuple(p.data_ptr() for p in self.model.parameters()))
+        if self._packed[0] != key:
+            self._packed = (key, static_decoder.pack_linears(self.model, batch))
+        return self._packed[1]
 
     def _decode_generate(self, input_ids, attention, sampling: SamplingParams, generator) -> tuple[list, list]:
         if sampling.temperature > 0:

@@ -33,6 +33,18 @@ def supports(model, total_length: int) -> bool:
     return not (getattr(cfg, "use_sliding_window", True) and window is not None and window < total_length)
 
 
+def pack_linears(model, batch_size: int) -> dict:
+    """oneDNN-prepacked weights of the decoder's plain ``nn.Linear`` layers (and the LM head), for
+    decode steps of ``batch_size`` rows: on CPUs, oneDNN with a prepacked weight runs these skinny
+    products about 1.7x faster than ``F.linear`` (bench/generate.py). Empty when oneDNN is missing."""
+    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return {}
+    linears = [m for m in model.model.layers.modules() if type(m) is torch.nn.Linear] + [model.lm_head]
+    if any(type(m) is not torch.nn.Linear or m.weight.dtype != torch.float32 for m in linears):
+        return {}
+    return {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_size) for m in linears}
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -43,21 +55,28 @@ class StaticDecoder:
     gets the float32 logits ``[B, V]`` of the next token and returns ``(tokens [B], done [B] | None)``; the
     loop stops early once every row is done. Returns the new tokens ``[B, steps]``."""
 
-    def __init__(self, model):
+    def __init__(self, model, packed: dict | None = None):
         self.model = model
+        self.packed = packed or {}
         cfg = model.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.scale = self.head_dim ** -0.5
 
+    def _linear(self, module, x):
+        w = self.packed.get(module)
+        if w is None or x.shape[1] != 1:  # prefill: the plain product
+            return module(x)
+        return torch.ops.mkldnn._linear_pointwise(x, w, module.bias, "none", [], "")
+
     def _layer(self, i, layer, x, cos, sin, k_cache, v_cache, start, mask):
         B, Q, _ = x.shape
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(B, Q, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(B, Q, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(B, Q, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self._linear(attn.q_proj, h).view(B, Q, self.heads, self.head_dim).transpose(1, 2)
+        k = self._linear(attn.k_proj, h).view(B, Q, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self._linear(attn.v_proj, h).view(B, Q, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         end = start + Q
@@ -65,10 +84,10 @@ class StaticDecoder:
         v_cache[i][:, :, start:end] = v
         o = F.scaled_dot_product_attention(q, k_cache[i][:, :, :end], v_cache[i][:, :, :end], attn_mask=mask,
                                            scale=self.scale, enable_gqa=self.kv_heads != self.heads)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(B, Q, -1))
+        x = x + self._linear(attn.o_proj, o.transpose(1, 2).reshape(B, Q, -1))
         h = layer.post_attention_layernorm(x)
         mlp = layer.mlp
-        return x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return x + self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h))
 
     def _forward(self, ids, positions, k_cache, v_cache, start, mask):
         inner = self.model.model
@@ -77,7 +96,7 @@ class StaticDecoder:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i, layer in enumerate(inner.layers):
             x = self._layer(i, layer, x, cos, sin, k_cache, v_cache, start, mask)
-        return self.model.lm_head(inner.norm(x[:, -1])).float()
+        return self._linear(self.model.lm_head, inner.norm(x[:, -1:]))[:, 0].float()
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, pick,

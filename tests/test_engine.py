@@ -65,3 +65,36 @@ def test_stop_strings_and_finish_reasons(sft_model):
     first = full.text[0]
     cut = engine.generate([prompt], SamplingParams(max_new_tokens=8, stop=[first]))[0]
     assert cut.text == "" and cut.finish_reason == "stop" and len(cut.token_ids) >= 1
+
+
+def test_generation_sees_weights_trained_between_calls(sft_model):
+    """RL trains the model the engine samples from: a fused AdamW step (which updates the weights in
+    place) must show in the next call's log-probs."""
+    model, tok = load_model(sft_model), load_tokenizer(sft_model)
+    engine = TransformersEngine(model, tok)
+    prompts = [r["messages"][:1] for r in addition_records(40)[:4]]
+    engine.generate(prompts, SamplingParams(max_new_tokens=3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(torch.tensor([chat.prompt_ids(tok, prompts[0])])).logits.sum().backward()
+    opt.step()
+    for o in engine.generate(prompts, SamplingParams(max_new_tokens=3)):
+        prompt = chat.prompt_ids(tok, prompts[o.prompt_index])
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + o.token_ids])).logits[0].float()
+        want = [float(torch.log_softmax(logits[len(prompt) - 1 + k], -1)[t]) for k, t in enumerate(o.token_ids)]
+        assert o.logprobs == pytest.approx(want, abs=1e-4)
+
+
+def test_top_k_and_top_p_match_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from posttrain.inference.engine import truncate
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for k, p in [(5, 1.0), (0, 0.7), (10, 0.5), (1, 0.9)]:
+        want = logits.clone()
+        if k:
+            want = TopKLogitsWarper(k)(None, want)
+        if p < 1:
+            want = TopPLogitsWarper(p)(None, want)
+        assert torch.equal(truncate(logits, k, p).isinf(), want.isinf()), (k, p)

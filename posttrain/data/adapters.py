@@ -95,7 +95,7 @@ def to_kind(rec: dict, kind: str, fmt: str, where: str) -> dict:
                    "verifier": rec.get("verifier", "gsm8k")}
         elif fmt == "math":
             rec = {**rec, "messages": [{"role": "user", "content": _field(rec, "problem", where)}],
-                   "ground_truth": _math_answer(rec, where), "verifier": rec.get("verifier", "math")}
+                   "ground_truth": math_answer(rec, where), "verifier": rec.get("verifier", "math")}
         elif fmt == "ifeval":
             ids, kwargs = rec.get("instruction_id_list"), rec.get("kwargs")
             if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
@@ -115,7 +115,7 @@ def to_kind(rec: dict, kind: str, fmt: str, where: str) -> dict:
 HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a code block.\n\n"
 
 
-def _math_answer(rec: dict, where: str) -> str:
+def math_answer(rec: dict, where: str) -> str:
     if isinstance(rec.get("answer"), str) and rec["answer"].strip():
         return rec["answer"]
     from posttrain.rewards.extract import last_boxed

@@ -1,0 +1,24 @@
+"""Matplotlib figures written atomically (headless backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def figure(size=(6, 4)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
+
+
+def save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,162 @@
+"""``posttrain eval``: run tasks on a model (or every checkpoint of a run) and write the results.
+
+Output directory: ``results.json`` (task -> metric -> value, with instance and sample counts and the
+run's config), ``samples.jsonl`` (one object per sample: ``task``, ``id``, ``index``, ``prompt``,
+``output``, ``extracted``, ``ground_truth``, ``score``, ...), ``results.md`` (a table). Over the
+checkpoints of a run: one such directory per checkpoint and ``curve.png`` (each task's first metric
+against the training step). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from posttrain.atomic import write_json, write_text
+from posttrain.data import chat
+from posttrain.errors import UserError
+from posttrain.eval import plots
+from posttrain.eval.tasks import resolve
+from posttrain.eval.tasks.base import Task, load
+from posttrain.inference.engine import SamplingParams, TransformersEngine
+from posttrain.models import load_model, load_tokenizer
+from posttrain.train.loop import log
+
+
+def generate_samples(task: Task, engine, instances: list[dict], seed: int, samples: int | None = None) -> list[dict]:
+    n = samples or task.samples
+    temperature = task.temperature if n == 1 else max(task.temperature, 0.8)
+    outs = engine.generate([i["prompt"] for i in instances],
+                           SamplingParams(max_new_tokens=task.max_new_tokens, temperature=temperature, n=n, seed=seed))
+    with ThreadPoolExecutor(max_workers=4) as pool:  # the code verifier waits on sandboxes
+        scored = list(pool.map(lambda o: task.score(o.text, instances[o.prompt_index]), outs))
+    out = []
+    for o, s in zip(outs, scored):
+        inst = instances[o.prompt_index]
+        out.append({"task": task.name, "id": inst.get("id"), "index": inst["index"], "prompt": inst["prompt"], "output": o.text,
+                    "ground_truth": inst["ground_truth"], "finish_reason": o.finish_reason,
+                    "output_tokens": len(o.token_ids), **s})
+    return out
+
+
+@torch.no_grad()
+def loglikelihood_samples(task: Task, model, tokenizer, instances: list[dict], batch_size: int = 16) -> list[dict]:
+    """Sum of log-probabilities of each option's tokens after the prompt (``" " + option``)."""
+    from posttrain.data import packing
+    from posttrain.train.logprobs import TokenLogProbs, collate, per_sample
+
+    scorer = TokenLogProbs(model)
+    rows, owners = [], []
+    for inst in instances:
+        prompt = chat.prompt_ids(tokenizer, inst["prompt"])
+        for j, choice in enumerate(inst["choices"]):
+            option = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            rows.append({"input_ids": prompt + option, "labels_mask": [False] * len(prompt) + [True] * len(option)})
+            owners.append((inst["index"], j))
+    rows = packing.unpacked(rows)
+    logps = []
+    for i in range(0, len(rows), batch_size):
+        b = collate(rows[i:i + batch_size], tokenizer.pad_token_id)
+        logp = scorer(b["input_ids"].to(model.device), b["position_ids"].to(model.device), b["labels"].to(model.device))
+        logps += per_sample(logp, b["sample_ids"].to(model.device), b["num_samples"]).tolist()
+    out = []
+    by_index = {inst["index"]: inst for inst in instances}
+    for index, inst in by_index.items():
+        scores = [lp for (k, _), lp in zip(owners, logps) if k == index]
+        norm = [lp / max(len(c), 1) for lp, c in zip(scores, inst["choices"])]
+        pick, pick_norm = max(range(len(scores)), key=scores.__getitem__), max(range(len(norm)), key=norm.__getitem__)
+        out.append({"task": task.name, "id": inst.get("id"), "index": index, "prompt": inst["prompt"],
+                    "output": inst["choices"][pick], "extracted": pick, "ground_truth": inst["ground_truth"],
+                    "score": float(pick == inst["ground_truth"]), "correct_norm": float(pick_norm == inst["ground_truth"]),
+                    "option_logprobs": scores})
+    return out
+
+
+def summarize(task: Task, samples: list[dict]) -> dict:
+    metrics = task.metrics(samples) if task.metrics else {"accuracy": sum(s["score"] for s in samples) / len(samples)}
+    return {**{k: round(v, 6) for k, v in metrics.items()}, "instances": len({s["index"] for s in samples}),
+            "samples": len(samples)}
+
+
+def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: int | None = None,
+             data: dict[str, str] | None = None, batch_size: int = 16, seed: int = 0, samples: int | None = None) -> dict:
+    tasks = resolve(task_names)
+    data = data or {}
+    for name in data:
+        if name not in {t.name for t in tasks}:
+            raise UserError(f"--data {name}=...: {name} is not among the tasks ({', '.join(t.name for t in tasks)})")
+    instances = {t.name: load(t, data.get(t.name), limit) for t in tasks}  # all data checked before the model loads
+    model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
+    engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    all_samples: list[dict] = []
+    for t in tasks:
+        started = time.time()
+        if t.kind == "loglikelihood":
+            got = loglikelihood_samples(t, model, tokenizer, instances[t.name], batch_size)
+        else:
+            got = generate_samples(t, engine, instances[t.name], seed, samples)
+        results[t.name] = {**summarize(t, got), "seconds": round(time.time() - started, 2)}
+        all_samples += got
+        log(f"eval {t.name}: " + ", ".join(f"{k} {v}" for k, v in results[t.name].items()))
+    config = {"model": str(model_path), "tasks": [t.name for t in tasks], "limit": limit, "data": data, "seed": seed,
+              "samples": samples}
+    write_text(out / "samples.jsonl", "".join(json.dumps(s, default=str) + "\n" for s in all_samples))
+    write_json(out / "results.json", {"results": results, "config": config})
+    write_text(out / "results.md", table(results))
+    return results
+
+
+def table(results: dict) -> str:
+    lines = ["| task | metric | value | instances |", "|---|---|---|---|"]
+    for task, metrics in results.items():
+        for k, v in metrics.items():
+            if k not in ("instances", "samples", "seconds"):
+                lines.append(f"| {task} | {k} | {v:.4f} | {metrics['instances']} |")
+    return "\n".join(lines) + "\n"
+
+
+def checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
+    from posttrain.train import checkpoint as ckpt
+
+    found = [(int(p.name.split("-")[1]), p) for p in ckpt.checkpoints(run)]
+    manifest = run / "manifest.json"
+    if manifest.is_file() and (run / "config.json").is_file():
+        found.append((int(json.loads(manifest.read_text()).get("steps", found[-1][0] + 1 if found else 0)), run))
+    if not found:
+        raise UserError(f"{run}: no checkpoints (checkpoints/checkpoint-N) and no finished model")
+    return found
+
+
+def evaluate_checkpoints(run: str | Path, task_names: list[str], output: str | Path, **kwargs) -> dict:
+    run, out = Path(run), Path(output)
+    curve = []
+    for step, path in checkpoint_dirs(run):
+        results = evaluate(str(path), task_names, out / f"step-{step}", **kwargs)
+        curve.append({"step": step, "path": str(path), "results": results})
+    write_json(out / "results.json", {"checkpoints": curve, "config": {"run": str(run), "tasks": task_names, **kwargs}})
+    plot_curve(curve, out / "curve.png")
+    lines = ["| step | " + " | ".join(f"{t} {next(iter(m))}" for t, m in curve[0]["results"].items()) + " |",
+             "|---|" + "---|" * len(curve[0]["results"])]
+    for c in curve:
+        lines.append(f"| {c['step']} | " + " | ".join(f"{next(iter(m.values())):.4f}" for m in c["results"].values()) + " |")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
+    return {"checkpoints": curve}
+
+
+def plot_curve(curve: list[dict], path: Path) -> None:
+    fig, ax = plots.figure()
+    for task in curve[0]["results"]:
+        metric = next(iter(curve[0]["results"][task]))
+        ax.plot([c["step"] for c in curve], [c["results"][task][metric] for c in curve], marker="o", label=f"{task} {metric}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("score")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    plots.save(fig, path)

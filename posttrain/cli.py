@@ -72,7 +72,8 @@ def cmd_eval(args) -> None:
         raise UserError("give --tasks or --suite")
     if bool(args.model) == bool(args.checkpoints):
         raise UserError("give exactly one of --model DIR and --checkpoints RUN_DIR")
-    kwargs = dict(limit=args.limit, data=_data_map(args.data), batch_size=args.batch_size, seed=args.seed, samples=args.samples)
+    kwargs = dict(limit=args.limit, data=_data_map(args.data), batch_size=args.batch_size, seed=args.seed, samples=args.samples,
+                  judge=args.judge)
     if args.checkpoints:
         evaluate_checkpoints(args.checkpoints, names, args.output, **kwargs)
     else:
@@ -93,6 +94,12 @@ def cmd_tts(args) -> None:
           _int_list(args.majority, "--majority") or [1], bf, limit=args.limit, data=data.get(args.task),
           temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
     print(f"{args.output}/results.json")
+
+
+def cmd_serve(args) -> None:
+    from posttrain.inference.serve import serve
+
+    serve(args.model, args.host, args.port, args.batch_size, args.name)
 
 
 def cmd_demo(args) -> None:
@@ -151,11 +158,12 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model or every checkpoint of a run on tasks or suites")
     e.add_argument("--model", help="model directory (or hub id, .gguf, alias)")
     e.add_argument("--checkpoints", help="a run's output_dir: evaluate each checkpoint and the final model, plot a curve")
-    e.add_argument("--tasks", help="comma-separated: gsm8k, gsm8k_fewshot, math500, ifeval, humaneval, mc")
+    e.add_argument("--tasks", help="comma-separated: gsm8k, gsm8k_fewshot, math500, ifeval, humaneval, mc, judge_winrate")
     e.add_argument("--suite", choices=["dev", "unseen"], help="a named task list (posttrain.eval.tasks.SUITES)")
     e.add_argument("--limit", type=int, help="first N instances of each task")
     e.add_argument("--data", action="append", metavar="TASK=PATH", help="a local file (or hub id) for a task")
     e.add_argument("--samples", type=int, help="completions per instance (pass@k); default: the task's")
+    e.add_argument("--judge", help="judge for judge_winrate: openai:<model>@<base_url> (key from OPENAI_API_KEY)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", default="runs/eval", help="output directory (default: runs/eval)")
@@ -179,6 +187,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--output", default="runs/tts")
     t.set_defaults(func=cmd_tts)
+
+    v = sub.add_parser("serve", help="serve a local model behind an OpenAI-compatible API (/v1/chat/completions)")
+    v.add_argument("--model", required=True)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--name", help="the model name clients ask for (default: the --model value)")
+    v.add_argument("--batch-size", type=int, default=8)
+    v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="the main job on its embedded default: a tiny model learns addition by SFT")
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

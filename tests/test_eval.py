@@ -176,3 +176,31 @@ def test_tts_sweep_writes_points_and_a_plot(thinker, tmp_path):
     caps = {p["value"]: p for p in result["points"] if p["setting"] == "max_thinking" and p["majority"] == 1}
     assert caps[2]["mean_thinking_tokens"] == 2.0 and caps[8]["mean_thinking_tokens"] <= 8.0
     assert (tmp_path / "tts" / "tts.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_judge_winrate_with_an_endpoint_and_skipped_without(sft_model, tmp_path):
+    import threading
+
+    from posttrain.inference.engine import Completion
+    from posttrain.inference.serve import make_server
+
+    class AlwaysA:  # a judge that always prefers the first answer shown
+        def generate(self, prompts, sampling):
+            return [Completion("A", [], "stop", i) for i in range(len(prompts)) for _ in range(sampling.n)]
+
+    rows = [{"instruction": f"Say the number {i}.", "output": f"{i}"} for i in range(8)]
+    data = {"judge_winrate": str(write_jsonl(tmp_path / "alpaca.jsonl", rows))}
+    skipped = evaluate(str(sft_model), ["judge_winrate"], tmp_path / "none", data=data)
+    assert skipped == {"judge_winrate": {"skipped": "no judge endpoint: pass --judge openai:<model>@<base_url>"}}
+    server = make_server(AlwaysA(), "judge", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        results = evaluate(str(sft_model), ["judge_winrate"], tmp_path / "judged", data=data, judge=f"openai:judge@{url}")
+    finally:
+        server.shutdown()
+    samples = [json.loads(x) for x in (tmp_path / "judged" / "samples.jsonl").read_text().splitlines()]
+    first = [s["model_first"] for s in samples]
+    assert 0 < sum(first) < len(first)  # both orders occur
+    assert results["judge_winrate"]["win_rate"] == pytest.approx(sum(first) / len(first))
+    assert results["judge_winrate"]["unparsed_verdicts"] == 0.0

@@ -76,6 +76,22 @@ def loglikelihood_samples(task: Task, model, tokenizer, instances: list[dict], b
     return out
 
 
+def judged_samples(task: Task, engine, judge, instances: list[dict], seed: int) -> list[dict]:
+    """Generate the model's answers, then have ``judge`` (an engine) compare each with its reference."""
+    from posttrain.eval.tasks import judge_winrate
+
+    outs = engine.generate([i["prompt"] for i in instances], SamplingParams(max_new_tokens=task.max_new_tokens, seed=seed))
+    samples = [{"task": task.name, "id": instances[o.prompt_index].get("id"), "index": instances[o.prompt_index]["index"],
+                "prompt": instances[o.prompt_index]["prompt"], "instruction": instances[o.prompt_index]["instruction"],
+                "output": o.text, "ground_truth": instances[o.prompt_index]["ground_truth"]} for o in outs]
+    asks = judge_winrate.judge_prompts(samples, seed)
+    verdicts = judge.generate([messages for messages, _ in asks], SamplingParams(max_new_tokens=8, temperature=0.0))
+    for s, (_, first), v in zip(samples, asks, verdicts):
+        s["score"], s["verdict"] = judge_winrate.verdict(v.text, first)
+        s["model_first"], s["judge_output"], s["extracted"] = first, v.text, s["verdict"]
+    return samples
+
+
 def summarize(task: Task, samples: list[dict]) -> dict:
     metrics = task.metrics(samples) if task.metrics else {"accuracy": sum(s["score"] for s in samples) / len(samples)}
     return {**{k: round(v, 6) for k, v in metrics.items()}, "instances": len({s["index"] for s in samples}),
@@ -83,12 +99,24 @@ def summarize(task: Task, samples: list[dict]) -> dict:
 
 
 def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: int | None = None,
-             data: dict[str, str] | None = None, batch_size: int = 16, seed: int = 0, samples: int | None = None) -> dict:
+             data: dict[str, str] | None = None, batch_size: int = 16, seed: int = 0, samples: int | None = None,
+             judge: str | None = None) -> dict:
+    """``judge``: ``openai:<model>@<base_url>`` for judge-based tasks (else they are skipped)."""
     tasks = resolve(task_names)
     data = data or {}
     for name in data:
         if name not in {t.name for t in tasks}:
             raise UserError(f"--data {name}=...: {name} is not among the tasks ({', '.join(t.name for t in tasks)})")
+    skipped = {t.name: "no judge endpoint: pass --judge openai:<model>@<base_url>" for t in tasks
+               if t.kind == "judge" and not judge}
+    for name, why in skipped.items():
+        log(f"eval {name}: skipped ({why})")
+    tasks = [t for t in tasks if t.name not in skipped]
+    judge_engine = None
+    if judge and any(t.kind == "judge" for t in tasks):
+        from posttrain.inference.openai_engine import OpenAIEngine
+
+        judge_engine = OpenAIEngine.from_spec(judge, cache_dir=Path(output) / "judge_cache")
     instances = {t.name: load(t, data.get(t.name), limit) for t in tasks}  # all data checked before the model loads
     model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
     engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
@@ -100,13 +128,16 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
         started = time.time()
         if t.kind == "loglikelihood":
             got = loglikelihood_samples(t, model, tokenizer, instances[t.name], batch_size)
+        elif t.kind == "judge":
+            got = judged_samples(t, engine, judge_engine, instances[t.name], seed)
         else:
             got = generate_samples(t, engine, instances[t.name], seed, samples)
         results[t.name] = {**summarize(t, got), "seconds": round(time.time() - started, 2)}
         all_samples += got
         log(f"eval {t.name}: " + ", ".join(f"{k} {v}" for k, v in results[t.name].items()))
-    config = {"model": str(model_path), "tasks": [t.name for t in tasks], "limit": limit, "data": data, "seed": seed,
-              "samples": samples}
+    results.update({name: {"skipped": why} for name, why in skipped.items()})
+    config = {"model": str(model_path), "tasks": [t.name for t in tasks] + list(skipped), "limit": limit, "data": data,
+              "seed": seed, "samples": samples, "judge": judge}
     write_text(out / "samples.jsonl", "".join(json.dumps(s, default=str) + "\n" for s in all_samples))
     write_json(out / "results.json", {"results": results, "config": config})
     write_text(out / "results.md", table(results))
@@ -116,6 +147,9 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
 def table(results: dict) -> str:
     lines = ["| task | metric | value | instances |", "|---|---|---|---|"]
     for task, metrics in results.items():
+        if "skipped" in metrics:
+            lines.append(f"| {task} | skipped: {metrics['skipped']} | | |")
+            continue
         for k, v in metrics.items():
             if k not in ("instances", "samples", "seconds"):
                 lines.append(f"| {task} | {k} | {v:.4f} | {metrics['instances']} |")
@@ -139,7 +173,7 @@ def evaluate_checkpoints(run: str | Path, task_names: list[str], output: str | P
     curve = []
     for step, path in checkpoint_dirs(run):
         results = evaluate(str(path), task_names, out / f"step-{step}", **kwargs)
-        curve.append({"step": step, "path": str(path), "results": results})
+        curve.append({"step": step, "path": str(path), "results": {t: m for t, m in results.items() if "skipped" not in m}})
     write_json(out / "results.json", {"checkpoints": curve, "config": {"run": str(run), "tasks": task_names, **kwargs}})
     plot_curve(curve, out / "curve.png")
     lines = ["| step | " + " | ".join(f"{t} {next(iter(m))}" for t, m in curve[0]["results"].items()) + " |",

@@ -118,8 +118,17 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
 
         judge_engine = OpenAIEngine.from_spec(judge, cache_dir=Path(output) / "judge_cache")
     instances = {t.name: load(t, data.get(t.name), limit) for t in tasks}  # all data checked before the model loads
-    model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
-    engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
+    if str(model_path).startswith("openai:"):  # an OpenAI-compatible endpoint: generation tasks only
+        from posttrain.inference.openai_engine import OpenAIEngine
+
+        if any(t.kind == "loglikelihood" for t in tasks):
+            raise UserError(f"{model_path}: task(s) {', '.join(t.name for t in tasks if t.kind == 'loglikelihood')} "
+                            "score option log-likelihoods and need a local model")
+        model = tokenizer = None
+        engine = OpenAIEngine.from_spec(str(model_path), cache_dir=Path(output) / "cache")
+    else:
+        model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
+        engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}

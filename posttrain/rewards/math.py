@@ -20,8 +20,11 @@ TIMEOUT_SECONDS = 5
 
 
 def extract(response: str) -> str | None:
+    """The last ``\\boxed{}``'s content (else the "Final Answer:" line), without surrounding spaces
+    (``\\text{ degrees} }`` would otherwise parse differently from ``\\text{ degrees}}``)."""
     boxed = last_boxed(response)
-    return boxed if boxed is not None else final_answer_line(response)
+    found = boxed if boxed is not None else final_answer_line(response)
+    return found.strip() if found is not None else None
 
 
 def _parse(text: str, timeout):

@@ -204,3 +204,23 @@ def test_judge_winrate_with_an_endpoint_and_skipped_without(sft_model, tmp_path)
     assert 0 < sum(first) < len(first)  # both orders occur
     assert results["judge_winrate"]["win_rate"] == pytest.approx(sum(first) / len(first))
     assert results["judge_winrate"]["unparsed_verdicts"] == 0.0
+
+
+def test_command_line(sft_model, thinker, tmp_path, capsys):
+    from posttrain.cli import main
+
+    assert main(["eval", "--model", str(sft_model), "--tasks", "gsm8k", "--limit", "2", "--data", f"gsm8k={GSM8K}",
+                 "--output", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["results"]["gsm8k"]["instances"] == 2
+    assert main(["eval", "--model", str(sft_model), "--tasks", "gsm8k", "--data", "gsm8k"]) == 2
+    assert "expected TASK=PATH" in capsys.readouterr().err
+    assert main(["eval", "--tasks", "gsm8k"]) == 2
+    engine, _ = thinker
+    engine.model.save_pretrained(tmp_path / "m")
+    engine.tokenizer.save_pretrained(tmp_path / "m")
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": "What is 1 + 2?", "answer": "#### 3"}])
+    assert main(["tts", "--model", str(tmp_path / "m"), "--task", "gsm8k", "--data", f"gsm8k={data}", "--max-thinking", "2,4",
+                 "--think-start", "", "--output", str(tmp_path / "t")]) == 0
+    points = json.loads((tmp_path / "t" / "results.json").read_text())["points"]
+    assert [p["mean_thinking_tokens"] for p in points] == [2.0, 4.0]
+    assert main(["tts", "--model", str(tmp_path / "m"), "--task", "gsm8k", "--max-thinking", "a,b"]) == 2

@@ -101,9 +101,9 @@ def test_ifeval_agrees_with_lm_evaluation_harness(monkeypatch):
     with nltk's punkt model, which cannot be downloaded here: its ``count_sentences`` is given our
     splitter and ``word_tokenize`` runs without the sentence split (so every other check is theirs),
     and our splitter is compared separately with lm-eval's own punkt-free regex splitter."""
-    from posttrain.rewards import ifeval
-
     import nltk
+
+    from posttrain.rewards import ifeval
 
     utils, util = lm_eval_ifeval()
     monkeypatch.setattr(util, "count_sentences", lambda text: len(ifeval.split_sentences(text)))

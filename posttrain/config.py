@@ -65,7 +65,8 @@ class TrainConfig:
     num_train_epochs: float = 1.0
     max_steps: int = -1
     warmup_ratio: float = 0.0
-    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_min", "constant"] = "linear"
+    min_lr_ratio: float = 0.1  # cosine_min: the learning rate ends at this share of the peak
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -368,3 +369,26 @@ class RLVRConfig(TrainConfig):
             raise UserError("config: keys 'beta' must be >= 0 and 'epsilon' > 0")
         if self.use_peft and self.beta > 0:
             raise UserError("config: use_peft with beta > 0 is not supported (the reference would share the adapter's base)")
+
+
+@dataclass
+class MidtrainConfig(TrainConfig):
+    """Next-token training on plain text (see posttrain.train.midtrain). ``datasets[i].fraction`` is a
+    source's share of the rows; ``total_tokens`` (if > 0) sets the number of steps."""
+
+    learning_rate: float = 3e-4
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_min", "constant"] = "cosine"
+    warmup_ratio: float = 0.01
+    weight_decay: float = 0.1
+    total_tokens: int = 0
+    anneal_from: str | None = None  # a run whose last learning rate starts this (linear-to-zero) anneal
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.datasets:
+            raise UserError("config: key 'datasets' is required: text sources (.txt, or records with 'text')")
+        if self.total_tokens < 0:
+            raise UserError(f"config: key 'total_tokens' must be >= 0, got {self.total_tokens}")
+        if self.anneal_from and (self.lr_scheduler_type != "linear" or self.warmup_ratio):
+            raise UserError("config: an anneal (anneal_from) decays linearly to zero: set lr_scheduler_type=linear "
+                            "and warmup_ratio=0")

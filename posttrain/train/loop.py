@@ -45,7 +45,16 @@ from posttrain.train import checkpoint as ckpt_mod
 from posttrain.train.logprobs import TokenLogProbs
 
 LossFn = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "cosine_min": "cosine_with_min_lr", "constant": "constant_with_warmup"}
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, warmup: int, total: int):
+    """transformers' schedule ``cfg.lr_scheduler_type`` (``cosine_min`` ends at ``min_lr_ratio`` of the peak)."""
+    from transformers import get_scheduler
+
+    extra = {"scheduler_specific_kwargs": {"min_lr_rate": cfg.min_lr_ratio}} if cfg.lr_scheduler_type == "cosine_min" else {}
+    return get_scheduler(SCHEDULES[cfg.lr_scheduler_type], optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                         **extra)
 
 
 @dataclass
@@ -149,8 +158,6 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
     ``wrap`` puts the module the objective calls around the model (per-token log-probs by default)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
     started = time.time()
     for tracker, modules in (("tensorboard", ("tensorboard", "tensorboardX")), ("wandb", ("wandb",))):
         if tracker in cfg.report_to and not any(importlib.util.find_spec(m) for m in modules):
@@ -182,8 +189,7 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
     model.train()
     policy = wrap(model)
     optimizer = make_optimizer(cfg, policy)
-    scheduler = get_scheduler(SCHEDULES[cfg.lr_scheduler_type], optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total)
+    scheduler = make_scheduler(cfg, optimizer, warmup, total)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     inner = accelerator.unwrap_model(policy).model
 

@@ -51,12 +51,12 @@ from posttrain.rewards import get_verifier
 from posttrain.train import checkpoint as ckpt_mod
 from posttrain.train.logprobs import IGNORE, TokenLogProbs
 from posttrain.train.loop import (
-    SCHEDULES,
     Result,
     evaluate_main,
     finished,
     log,
     make_optimizer,
+    make_scheduler,
     prepare_output_dir,
     reduce_sum,
     save_final,
@@ -235,7 +235,6 @@ def run_rlvr(cfg: RLVRConfig) -> Result:
         return done
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     started = time.time()
     tokenizer = load_tokenizer(cfg.model)
@@ -285,8 +284,7 @@ def run_rlvr(cfg: RLVRConfig) -> Result:
     module = PolicyAndValue(policy, value) if value is not None else policy
     module.train()
     optimizer = make_optimizer(cfg, module)
-    scheduler = get_scheduler(SCHEDULES[cfg.lr_scheduler_type], optimizer, num_warmup_steps=warmup,
-                              num_training_steps=updates)
+    scheduler = make_scheduler(cfg, optimizer, warmup, updates)
     module, optimizer = accelerator.prepare(module, optimizer)
     inner = accelerator.unwrap_model(module).model
     extra_models = {"value": value.model} if value is not None else {}

@@ -102,6 +102,12 @@ def cmd_serve(args) -> None:
     serve(args.model, args.host, args.port, args.batch_size, args.name)
 
 
+def cmd_run(args) -> None:
+    from posttrain.pipeline import run
+
+    run(args.recipe, args.overrides)
+
+
 def cmd_midtrain(args) -> None:
     from posttrain.config import MidtrainConfig, load_config
     from posttrain.train.midtrain import run_midtrain
@@ -237,6 +243,11 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--name", help="the model name clients ask for (default: the --model value)")
     v.add_argument("--batch-size", type=int, default=8)
     v.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("run", help="run every stage of a recipe in order (skips finished stages, resumes interrupted ones)")
+    r.add_argument("recipe", help="YAML recipe with output_dir and stages")
+    r.add_argument("overrides", nargs="*", help="STAGE.key=value overrides of one stage's config")
+    r.set_defaults(func=cmd_run)
 
     mt = sub.add_parser("midtrain", help="next-token training on text: warmup + cosine, or a linear anneal to zero")
     mt.add_argument("--config", required=True, help="YAML recipe")

@@ -35,7 +35,7 @@ def test_unknown_key_suggests_closest(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("max_steps=ten", "config.max_steps: expected an integer"),
     ("packing=3", "config.packing: expected true or false"),
-    ("lr_scheduler_type=cosin", "config.lr_scheduler_type: expected one of linear, cosine, constant"),
+    ("lr_scheduler_type=cosin", "config.lr_scheduler_type: expected one of linear, cosine, cosine_min, constant"),
     ("loss_reduction=avg", "expected one of mean, sum"),
     ("warmup_ratio=2", "warmup_ratio' must be in"),
     ("datasets.3.count=1", "not an index of a list of 1"),

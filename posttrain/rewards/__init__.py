@@ -27,7 +27,8 @@ VERIFIERS: dict[str, Verifier] = {
 
 
 def get_verifier(name: str) -> Verifier:
+    """Names are matched case-insensitively (open-instruct's data says ``MATH``)."""
     try:
-        return VERIFIERS[name]
+        return VERIFIERS[name if name in VERIFIERS else name.lower()]
     except KeyError:
         raise UserError(f"unknown verifier {name!r}; known: {', '.join(sorted(VERIFIERS))}") from None

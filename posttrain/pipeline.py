@@ -1,0 +1,217 @@
+"""``posttrain run RECIPE``: every stage of a recipe in order, each feeding the next, resumably.
+
+A recipe::
+
+    output_dir: runs/smollm2
+    stages:
+      - {name: sft, stage: sft, config: {model: smollm2-135m-instruct, datasets: [...], max_steps: 200}}
+      - {name: dpo, stage: dpo, config: {datasets: [...], loss_type: dpo_norm, beta: 5}}
+      - {name: eval-dpo, stage: eval, config: {tasks: [gsm8k], limit: 100}}
+
+``stage`` is one of ``STAGES``; ``config`` holds that stage's keys (its YAML keys; for ``eval`` and
+``tts`` the options of those commands). A training stage without ``model`` starts from the previous
+training stage's output; ``eval``/``tts`` evaluate it. Each stage writes to ``output_dir/<name>``
+unless its config names an ``output_dir``.
+
+Re-running: a stage's *chain hash* is the hash of its config and the chain hash of the stage before
+it. A stage whose output holds a finished run of the same chain is skipped; one interrupted with the
+same chain resumes from its last checkpoint; a changed config (or any change upstream) re-runs it from
+scratch, and with it every later stage. ``output_dir/report.md`` and ``report.html`` (with PNG loss
+curves) gather each stage's metrics, manifest and the license of every data source that reached
+the model; ``output_dir/summary.json`` lists the stages in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import time
+from pathlib import Path
+
+from posttrain.atomic import write_json, write_text
+from posttrain.config import read_yaml
+from posttrain.errors import UserError
+from posttrain.train.loop import log
+
+TRAINING = ("midtrain", "sft", "dpo", "reward", "rlvr")
+STAGES = TRAINING + ("eval", "tts")
+STATE_DIR = ".pipeline"  # under the recipe's output_dir: one chain-hash file per stage
+
+
+def chain_hash(parent: str, stage: dict) -> str:
+    body = json.dumps({"parent": parent, "stage": stage["stage"], "config": stage.get("config", {})}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The recipe, with ``STAGE.key=value`` overrides applied to the named stage's config."""
+    from posttrain.config import parse_value, set_dotted
+
+    recipe = read_yaml(path)
+    for key in recipe:
+        if key not in ("output_dir", "stages"):
+            raise UserError(f"{path}: unknown top-level key '{key}' (expected output_dir, stages)")
+    if not recipe.get("output_dir"):
+        raise UserError(f"{path}: key 'output_dir' is required")
+    stages = recipe.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise UserError(f"{path}: key 'stages' must be a non-empty list")
+    names = set()
+    for i, s in enumerate(stages):
+        where = f"{path}: stages[{i}]"
+        if not isinstance(s, dict) or not s.get("name") or s.get("stage") not in STAGES:
+            raise UserError(f"{where}: needs 'name' and 'stage' (one of {', '.join(STAGES)})")
+        if s["name"] in names:
+            raise UserError(f"{where}: duplicate stage name '{s['name']}'")
+        names.add(s["name"])
+        if not isinstance(s.setdefault("config", {}), dict):
+            raise UserError(f"{where}: 'config' must be a mapping")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        name, dot, rest = key.partition(".")
+        target = next((s for s in stages if s["name"] == name), None)
+        if not sep or not dot or target is None:
+            raise UserError(f"override {item!r}: expected STAGE.key=value with STAGE one of {', '.join(sorted(names))}")
+        set_dotted(target["config"], rest, parse_value(raw))
+    return recipe
+
+
+def run(recipe_path: str | Path, overrides: list[str] = ()) -> list[dict]:
+    recipe = load_recipe(recipe_path, list(overrides))
+    root = Path(recipe["output_dir"])
+    root.mkdir(parents=True, exist_ok=True)
+    parent, model, summary = "", None, []
+    for s in recipe["stages"]:
+        chain = chain_hash(parent, s)
+        out = Path(s["config"].get("output_dir") or root / s["name"])
+        started = time.time()
+        result = _run_stage(s, out, model, chain, _state(root, s["name"]))
+        entry = {"stage": s["name"], "kind": s["stage"], "output_dir": str(out), "chain_hash": chain,
+                 "skipped": result.pop("skipped", False), "seconds": round(time.time() - started, 2), **result}
+        summary.append(entry)
+        log(f"run: stage {s['name']} ({s['stage']}) {'skipped, already done' if entry['skipped'] else 'done'} "
+            f"in {entry['seconds']} s")
+        if s["stage"] in TRAINING:
+            model = str(out)
+        parent = chain
+    write_json(root / "summary.json", summary)
+    write_report(root, recipe, summary)
+    return summary
+
+
+def _state(root: Path, name: str) -> Path:
+    return root / STATE_DIR / f"{name}.json"
+
+
+def _run_stage(s: dict, out: Path, model: str | None, chain: str, state: Path) -> dict:
+    config = dict(s["config"])
+    if s["stage"] in TRAINING:
+        config.setdefault("model", model)
+        if not config["model"]:
+            raise UserError(f"stage {s['name']}: no 'model' and no earlier training stage to start from")
+    elif not (config.get("model") or model):
+        raise UserError(f"stage {s['name']}: nothing to evaluate (no 'model' and no earlier training stage)")
+    config["output_dir"] = str(out)
+    previous = json.loads(state.read_text())["chain_hash"] if state.is_file() else None
+    fresh = previous != chain  # a different config here or upstream (or never run): start over
+    if fresh:  # recorded before the stage starts, so an interrupted stage resumes on the next run
+        state.parent.mkdir(parents=True, exist_ok=True)
+        write_json(state, {"chain_hash": chain, "stage": s["stage"]})
+    if s["stage"] in TRAINING:
+        return _train(s["stage"], config, out, fresh)
+    return _evaluate(s["stage"], config, out, fresh, model)
+
+
+def _train(kind: str, config: dict, out: Path, fresh: bool) -> dict:
+    from posttrain import config as cfgmod
+
+    cls = {"midtrain": cfgmod.MidtrainConfig, "sft": cfgmod.SFTConfig, "dpo": cfgmod.DPOConfig,
+           "reward": cfgmod.RewardConfig, "rlvr": cfgmod.RLVRConfig}[kind]
+    if fresh and out.exists():
+        config["overwrite_output_dir"] = True
+    result = _runner(kind)(cfgmod.load_config(cls, base=config))
+    return {"skipped": result.skipped, "metrics": result.metrics}
+
+
+def _runner(kind: str):
+    if kind == "midtrain":
+        from posttrain.train.midtrain import run_midtrain as f
+    elif kind == "sft":
+        from posttrain.train.sft import run_sft as f
+    elif kind == "dpo":
+        from posttrain.train.dpo import run_dpo as f
+    elif kind == "reward":
+        from posttrain.train.reward import run_reward as f
+    else:
+        from posttrain.train.rlvr import run_rlvr as f
+    return f
+
+
+def _evaluate(kind: str, config: dict, out: Path, fresh: bool, model: str | None) -> dict:
+    results = out / "results.json"
+    if not fresh and results.is_file():
+        return {"skipped": True, "results": json.loads(results.read_text()).get("results")}
+    target = config.pop("model", None) or model
+    config.pop("output_dir")
+    if kind == "eval":
+        from posttrain.eval.runner import evaluate
+
+        tasks = config.pop("tasks", None)
+        if not tasks:
+            raise UserError("eval stage: config key 'tasks' is required (a list of tasks or suite:NAME)")
+        got = evaluate(target, tasks if isinstance(tasks, list) else [tasks], out, **config)
+    else:
+        from posttrain.eval.tts import sweep
+        from posttrain.inference.budget_forcing import BudgetForcing
+
+        bf = BudgetForcing(**config.pop("budget_forcing", {}))
+        got = sweep(target, config.pop("task"), out, config.pop("max_thinking", []), config.pop("wait", []),
+                    config.pop("majority", [1]), bf, **config)["points"]
+    return {"results": got}
+
+
+def write_report(root: Path, recipe: dict, summary: list[dict]) -> None:
+    """report.md and report.html: per stage its time, key metrics, data licenses, and loss curves."""
+    from posttrain.eval import plots
+
+    licenses: dict[str, set] = {}
+    lines = ["# Run report", "", "| stage | kind | skipped | seconds | key results |", "|---|---|---|---|---|"]
+    images = []
+    for entry in summary:
+        out = Path(entry["output_dir"])
+        key = ""
+        if "metrics" in entry:
+            m = entry["metrics"]
+            key = ", ".join(f"{k} {v:.4g}" for k, v in m.items()
+                            if isinstance(v, float) and (k == "loss" or k.startswith("eval/")))
+            manifest = out / "manifest.json"
+            if manifest.is_file():
+                for d in json.loads(manifest.read_text()).get("data", []):
+                    licenses.setdefault(str(d.get("license") or "unknown"), set()).add(d.get("path"))
+            metrics = out / "metrics.jsonl"
+            if metrics.is_file():
+                rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+                pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+                if pts:
+                    fig, ax = plots.figure((5, 3))
+                    ax.plot(*zip(*pts))
+                    ax.set_xlabel("step")
+                    ax.set_ylabel("loss")
+                    ax.set_title(entry["stage"])
+                    ax.grid(alpha=0.3)
+                    plots.save(fig, root / f"loss-{entry['stage']}.png")
+                    images.append(f"loss-{entry['stage']}.png")
+        elif isinstance(entry.get("results"), dict):
+            key = "; ".join(f"{t}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float))
+                            for t, r in entry["results"].items())
+        lines.append(f"| {entry['stage']} | {entry['kind']} | {entry['skipped']} | {entry['seconds']} | {key} |")
+    lines += ["", "## Data licenses", ""]
+    lines += [f"- {lic}: {', '.join(sorted(map(str, paths)))}" for lic, paths in sorted(licenses.items())]
+    lines += [""] + [f"![{img}]({img})" for img in images]
+    text = "\n".join(lines) + "\n"
+    write_text(root / "report.md", text)
+    pictures = "".join(f'<p><img src="{html.escape(img)}" alt="{html.escape(img)}"></p>' for img in images)
+    write_text(root / "report.html", "<!doctype html><html><head><meta charset='utf-8'><title>posttrain run report</title>"
+               f"</head><body><pre>{html.escape(text)}</pre>{pictures}</body></html>\n")

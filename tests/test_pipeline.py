@@ -1,0 +1,117 @@
+"""``posttrain run``: stages in order, each feeding the next; a re-run skips finished stages; a changed
+stage re-runs it and everything after it; a killed stage resumes; a report gathers the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import addition_records, write_jsonl
+
+from posttrain.errors import UserError
+from posttrain.pipeline import load_recipe, run
+from posttrain.train import checkpoint
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def recipe(tmp_path, tiny_model_dir, max_steps=30):
+    data = write_jsonl(tmp_path / "add.jsonl", addition_records(40))
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question": "What is 2 + 3?", "answer": "#### 5"},
+                                                   {"question": "What is 4 + 1?", "answer": "#### 5"}])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"""output_dir: {tmp_path / 'run'}
+stages:
+  - name: sft
+    stage: sft
+    config:
+      model: {tiny_model_dir}
+      chat_template: tulu
+      datasets: [{{path: {data}, license: CC0-1.0}}]
+      max_seq_length: 64
+      packing: true
+      per_device_train_batch_size: 4
+      learning_rate: 3.0e-3
+      max_steps: {max_steps}
+      save_steps: 10
+  - name: eval-sft
+    stage: eval
+    config:
+      tasks: [gsm8k]
+      data: {{gsm8k: {questions}}}
+      limit: 2
+""")
+    return path
+
+
+def test_stages_run_in_order_skip_and_rerun_downstream(tmp_path, tiny_model_dir):
+    path = recipe(tmp_path, tiny_model_dir)
+    first = run(path)
+    assert [s["stage"] for s in first] == ["sft", "eval-sft"] and not any(s["skipped"] for s in first)
+    assert first[1]["results"]["gsm8k"]["instances"] == 2
+    root = tmp_path / "run"
+    report = (root / "report.md").read_text()
+    assert "| sft | sft | False |" in report and "CC0-1.0" in report and (root / "loss-sft.png").is_file()
+    assert (root / "report.html").read_text().startswith("<!doctype html>")
+    assert json.loads((root / "summary.json").read_text())[0]["stage"] == "sft"
+    again = run(path)
+    assert all(s["skipped"] for s in again)
+    only_eval = run(path, ["eval-sft.limit=1"])  # a changed eval: the training stage stays
+    assert [s["skipped"] for s in only_eval] == [True, False] and only_eval[1]["results"]["gsm8k"]["instances"] == 1
+    changed = run(path, ["sft.learning_rate=1.0e-3", "eval-sft.limit=1"])  # upstream change: both re-run
+    assert [s["skipped"] for s in changed] == [False, False]
+    assert changed[0]["chain_hash"] != first[0]["chain_hash"] and changed[1]["chain_hash"] != only_eval[1]["chain_hash"]
+
+
+def test_a_killed_stage_resumes(tmp_path, tiny_model_dir):
+    path = recipe(tmp_path, tiny_model_dir, max_steps=400)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        last = checkpoint.latest(tmp_path / "run" / "sft")
+        if last is not None and int(last.name.split("-")[1]) >= 20:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "sft" / "manifest.json").exists(), "finished before it could be killed"
+    again = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(path)], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "sft: resuming from" in again.stderr
+    assert json.loads((tmp_path / "run" / "sft" / "manifest.json").read_text())["resumed_from"]
+
+
+def test_bad_recipes(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("output_dir: x\nstages:\n  - {name: a, stage: cook}\n")
+    with pytest.raises(UserError, match=r"stages\[0\]: needs 'name' and 'stage'"):
+        load_recipe(bad)
+    bad.write_text("output_dir: x\nstages:\n  - {name: a, stage: sft}\n")
+    with pytest.raises(UserError, match="expected STAGE.key=value"):
+        load_recipe(bad, ["b.max_steps=3"])
+    with pytest.raises(UserError, match="no 'model' and no earlier training stage"):
+        run(bad)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m.yaml", "tulu3-8b.yaml"])
+def test_shipped_recipes_are_valid(name, tmp_path):
+    """Every stage of the shipped recipes builds a valid config (the data itself lives on the hub)."""
+    from posttrain import config as cfgmod
+    from posttrain.pipeline import TRAINING
+
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", name)
+    classes = {"midtrain": cfgmod.MidtrainConfig, "sft": cfgmod.SFTConfig, "dpo": cfgmod.DPOConfig,
+               "reward": cfgmod.RewardConfig, "rlvr": cfgmod.RLVRConfig}
+    model = None
+    for s in load_recipe(path)["stages"]:
+        if s["stage"] in TRAINING:
+            cfg = cfgmod.load_config(classes[s["stage"]], base={"model": model, "output_dir": str(tmp_path), **s["config"]})
+            model = cfg.model
+        else:
+            assert s["config"].get("tasks")

@@ -151,9 +151,12 @@ def cmd_data_arithmetic(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from posttrain.demo import run_demo
+    from posttrain.demo import run_demo, run_full_demo
 
-    run_demo(args.out, args.overrides)
+    if args.full:
+        run_full_demo(args.out or "runs/demo-full", args.overrides)
+    else:
+        run_demo(args.out or "runs/demo", args.overrides)
 
 
 def cmd_model_tiny(args) -> None:
@@ -272,8 +275,10 @@ def parser() -> argparse.ArgumentParser:
     ar.set_defaults(func=cmd_data_arithmetic)
 
     d = sub.add_parser("demo", help="the main job on its embedded default: a tiny model learns addition by SFT")
-    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    d.add_argument("overrides", nargs="*", help="overrides of the demo's SFT config, as key=value")
+    d.add_argument("--out", help="output directory (default: runs/demo, or runs/demo-full with --full)")
+    d.add_argument("--full", action="store_true", help="the whole recipe: midtrain, anneal, SFT, on-policy DPO, GRPO, "
+                   "evaluations (posttrain/recipes/demo.yaml)")
+    d.add_argument("overrides", nargs="*", help="overrides: key=value of the SFT config; with --full, STAGE.key=value")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("model", help="build or prepare models")

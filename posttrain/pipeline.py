@@ -9,7 +9,9 @@ A recipe::
       - {name: eval-dpo, stage: eval, config: {tasks: [gsm8k], limit: 100}}
 
 ``stage`` is one of ``STAGES``; ``config`` holds that stage's keys (its YAML keys; for ``eval`` and
-``tts`` the options of those commands). A training stage without ``model`` starts from the previous
+``tts`` the options of those commands; ``onpolicy_pairs`` samples the current model on ``prompts``, a
+file of verifiable prompts, and writes ``pairs.jsonl`` of verified-correct vs wrong completions,
+see posttrain.data.synth.onpolicy). A training stage without ``model`` starts from the previous
 training stage's output; ``eval``/``tts`` evaluate it. Each stage writes to ``output_dir/<name>``
 unless its config names an ``output_dir``.
 
@@ -18,7 +20,7 @@ it. A stage whose output holds a finished run of the same chain is skipped; one 
 same chain resumes from its last checkpoint; a changed config (or any change upstream) re-runs it from
 scratch, and with it every later stage. ``output_dir/report.md`` and ``report.html`` (with PNG loss
 curves) gather each stage's metrics, manifest and the license of every data source that reached
-the model; ``output_dir/summary.json`` lists the stages in order.
+the model; ``output_dir/stages.json`` lists the stages in order.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from posttrain.errors import UserError
 from posttrain.train.loop import log
 
 TRAINING = ("midtrain", "sft", "dpo", "reward", "rlvr")
-STAGES = TRAINING + ("eval", "tts")
+STAGES = TRAINING + ("eval", "tts", "onpolicy_pairs")
 STATE_DIR = ".pipeline"  # under the recipe's output_dir: one chain-hash file per stage
 
 
@@ -83,6 +85,9 @@ def run(recipe_path: str | Path, overrides: list[str] = ()) -> list[dict]:
     root = Path(recipe["output_dir"])
     root.mkdir(parents=True, exist_ok=True)
     parent, model, summary = "", None, []
+    before = {}  # a skipped stage keeps the time it took when it ran
+    if (root / "stages.json").is_file():
+        before = {e["stage"]: e for e in json.loads((root / "stages.json").read_text())}
     for s in recipe["stages"]:
         chain = chain_hash(parent, s)
         out = Path(s["config"].get("output_dir") or root / s["name"])
@@ -90,13 +95,15 @@ def run(recipe_path: str | Path, overrides: list[str] = ()) -> list[dict]:
         result = _run_stage(s, out, model, chain, _state(root, s["name"]))
         entry = {"stage": s["name"], "kind": s["stage"], "output_dir": str(out), "chain_hash": chain,
                  "skipped": result.pop("skipped", False), "seconds": round(time.time() - started, 2), **result}
+        if entry["skipped"] and s["name"] in before and before[s["name"]].get("chain_hash") == chain:
+            entry["seconds"] = before[s["name"]]["seconds"]
         summary.append(entry)
-        log(f"run: stage {s['name']} ({s['stage']}) {'skipped, already done' if entry['skipped'] else 'done'} "
-            f"in {entry['seconds']} s")
+        log(f"run: stage {s['name']} ({s['stage']}) " + ("skipped, already done" if entry["skipped"] else
+                                                          f"done in {entry['seconds']} s"))
         if s["stage"] in TRAINING:
             model = str(out)
         parent = chain
-    write_json(root / "summary.json", summary)
+    write_json(root / "stages.json", summary)
     write_report(root, recipe, summary)
     return summary
 
@@ -155,6 +162,19 @@ def _evaluate(kind: str, config: dict, out: Path, fresh: bool, model: str | None
         return {"skipped": True, "results": json.loads(results.read_text()).get("results")}
     target = config.pop("model", None) or model
     config.pop("output_dir")
+    if kind == "onpolicy_pairs":
+        from posttrain.config import DataSource
+        from posttrain.data.mixing import mix
+        from posttrain.data.synth.onpolicy import onpolicy_pairs
+
+        if not config.get("prompts"):
+            raise UserError("onpolicy_pairs stage: config key 'prompts' (a file of verifiable prompts) is required")
+        records, _ = mix([DataSource(path=config.pop("prompts"))], "verifiable", config.get("seed", 0))
+        pairs, stats = onpolicy_pairs(target, records, **config)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
+        write_json(results, {"results": stats})
+        return {"results": stats}
     if kind == "eval":
         from posttrain.eval.runner import evaluate
 
@@ -204,8 +224,9 @@ def write_report(root: Path, recipe: dict, summary: list[dict]) -> None:
                     plots.save(fig, root / f"loss-{entry['stage']}.png")
                     images.append(f"loss-{entry['stage']}.png")
         elif isinstance(entry.get("results"), dict):
+            res = entry["results"]
             key = "; ".join(f"{t}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float))
-                            for t, r in entry["results"].items())
+                            if isinstance(r, dict) else f"{t} {r}" for t, r in res.items())
         lines.append(f"| {entry['stage']} | {entry['kind']} | {entry['skipped']} | {entry['seconds']} | {key} |")
     lines += ["", "## Data licenses", ""]
     lines += [f"- {lic}: {', '.join(sorted(map(str, paths)))}" for lic, paths in sorted(licenses.items())]

@@ -56,7 +56,7 @@ def test_stages_run_in_order_skip_and_rerun_downstream(tmp_path, tiny_model_dir)
     report = (root / "report.md").read_text()
     assert "| sft | sft | False |" in report and "CC0-1.0" in report and (root / "loss-sft.png").is_file()
     assert (root / "report.html").read_text().startswith("<!doctype html>")
-    assert json.loads((root / "summary.json").read_text())[0]["stage"] == "sft"
+    assert json.loads((root / "stages.json").read_text())[0]["stage"] == "sft"
     again = run(path)
     assert all(s["skipped"] for s in again)
     only_eval = run(path, ["eval-sft.limit=1"])  # a changed eval: the training stage stays

@@ -30,6 +30,8 @@ class Task:
 def load(task: Task, path: str | None, limit: int | None) -> list[dict]:
     """The task's instances from ``path`` (a local file or hub id) or its hub dataset, first ``limit``."""
     source, name, split = (path, None, "train") if path else task.hub
+    if not source:
+        raise UserError(f"task {task.name} has no default dataset: give --data {task.name}=PATH")
     out = []
     for raw, where in read_records(source, split, name):
         inst = task.instance(raw, where)

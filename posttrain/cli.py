@@ -209,7 +209,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model or every checkpoint of a run on tasks or suites")
     e.add_argument("--model", help="model directory (or hub id, .gguf, alias), or openai:<model>@<base_url>")
     e.add_argument("--checkpoints", help="a run's output_dir: evaluate each checkpoint and the final model, plot a curve")
-    e.add_argument("--tasks", help="comma-separated: gsm8k, gsm8k_fewshot, math500, ifeval, humaneval, mc, judge_winrate")
+    e.add_argument("--tasks", help="comma-separated: gsm8k, gsm8k_fewshot, math500, ifeval, humaneval, mc, judge_winrate, "
+                   "verifiable (any file of verifiable prompts, with --data verifiable=PATH)")
     e.add_argument("--suite", choices=["dev", "unseen"], help="a named task list (posttrain.eval.tasks.SUITES)")
     e.add_argument("--limit", type=int, help="first N instances of each task")
     e.add_argument("--data", action="append", metavar="TASK=PATH", help="a local file (or hub id) for a task")

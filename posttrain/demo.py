@@ -33,7 +33,7 @@ from posttrain.train.sft import run_sft
 
 RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 OPS = ("add", "mul")
-SFT_SHARE = 40  # of the 80 training problems per operation
+SIZES = {"add": (20, 400, 80), "mul": (10, 100, 20)}  # operands below; problems; held out
 
 
 def write_data(root: Path) -> None:
@@ -41,12 +41,13 @@ def write_data(root: Path) -> None:
     data.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[str]] = {"sft.jsonl": [], "rlvr.jsonl": [], "heldout.jsonl": []}
     for op in OPS:
-        train, heldout = ar.split_problems(ar.problems(op, 100, digits=1, seed=0), 20)
+        high, n, n_held = SIZES[op]
+        train, heldout = ar.split_problems(ar.problems(op, n, digits=1, seed=0, high=high), n_held)
         ar.check_disjoint([ar.question(op, a, b) for a, b in train], [ar.question(op, a, b) for a, b in heldout])
         write_text(data / f"corpus_{op}.txt", "".join(f"Question: {ar.question(op, a, b)} Answer: {ar.answer(op, a, b)}\n"
                                                       for a, b in train))
         # SFT sees half of the training problems; DPO and RL prompts cover all of them (verifier signal only)
-        files["sft.jsonl"] += [json.dumps(ar.sft_record(op, a, b, worked=False)) for a, b in train[:SFT_SHARE]]
+        files["sft.jsonl"] += [json.dumps(ar.sft_record(op, a, b, worked=False)) for a, b in train[:len(train) // 2]]
         files["rlvr.jsonl"] += [json.dumps(ar.rlvr_record(op, a, b)) for a, b in train]
         files["heldout.jsonl"] += [json.dumps(ar.rlvr_record(op, a, b)) for a, b in heldout]
     for name, lines in files.items():

@@ -13,7 +13,7 @@ def test_sft_demo_learns_addition(tmp_path):
 
 
 def test_full_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
-    small = ["midtrain.max_steps=20", "anneal.total_tokens=5120", "sft.max_steps=60", "dpo.max_steps=5",
+    small = ["midtrain.max_steps=20", "anneal.total_tokens=5120", "sft.max_steps=200", "dpo.max_steps=5",
              "rlvr.max_steps=5"]
     stages = run_full_demo(str(tmp_path / "full"), small)
     assert [s["stage"] for s in stages] == ["base", "midtrain", "anneal", "sft", "dpo", "rlvr"]

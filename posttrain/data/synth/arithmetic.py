@@ -22,13 +22,14 @@ SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 LICENSE = "CC0-1.0"
 
 
-def problems(op: str, n: int, digits: int = 2, seed: int = 0) -> list[tuple[int, int]]:
+def problems(op: str, n: int, digits: int = 2, seed: int = 0, high: int | None = None) -> list[tuple[int, int]]:
+    """``n`` distinct pairs of operands in ``[0, 10**digits)`` (or ``[0, high)``)."""
     if op not in SYMBOLS:
         raise ValueError(f"unknown operation {op!r}; expected one of {', '.join(SYMBOLS)}")
-    hi = 10**digits
+    hi = high or 10**digits
     if n > hi * hi:
         raise ValueError(f"only {hi * hi} distinct {digits}-digit {op} problems exist, asked for {n}")
-    rng = random.Random(f"{op}:{digits}:{seed}")
+    rng = random.Random(f"{op}:{digits}:{seed}" if high is None else f"{op}:<{high}:{seed}")
     seen: set[tuple[int, int]] = set()
     out = []
     while len(out) < n:

@@ -104,3 +104,17 @@ def parity_task(tmp_path_factory) -> dict:
         "per_device_train_batch_size": 8, "learning_rate": 3e-3, "max_steps": 150, "save_steps": 0}))
     return {"base": root / "base", "sft": root / "sft", "train": write_jsonl(root / "pairs.jsonl", parity_pairs(train)),
             "heldout": write_jsonl(root / "heldout.jsonl", parity_pairs(heldout))}
+
+
+@pytest.fixture(scope="session")
+def addition_sft_model(tmp_path_factory, tiny_model_dir) -> str:
+    """The tiny model after 60 SFT steps on 40 additions (engine and serving tests)."""
+    from posttrain.config import SFTConfig, load_config
+    from posttrain.train.sft import run_sft
+
+    root = tmp_path_factory.mktemp("addition-sft")
+    res = run_sft(load_config(SFTConfig, base={
+        "model": str(tiny_model_dir), "output_dir": str(root / "sft"), "chat_template": "tulu",
+        "datasets": [{"path": str(write_jsonl(root / "d.jsonl", addition_records(40)))}], "max_seq_length": 64,
+        "packing": True, "per_device_train_batch_size": 4, "learning_rate": 3e-3, "max_steps": 60, "save_steps": 0}))
+    return str(res.output_dir)

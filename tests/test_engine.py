@@ -4,28 +4,15 @@ forward, stop strings and finish reasons."""
 
 import pytest
 import torch
-from conftest import addition_records, write_jsonl
+from conftest import addition_records
 
-from posttrain.config import SFTConfig, load_config
 from posttrain.data import chat
 from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.models import load_model, load_tokenizer
-from posttrain.train.sft import run_sft
 
 
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("engine")
-    data = write_jsonl(root / "d.jsonl", addition_records(40))
-    res = run_sft(load_config(SFTConfig, base={
-        "model": str(tiny_model_dir), "output_dir": str(root / "sft"), "chat_template": "tulu",
-        "datasets": [{"path": str(data)}], "max_seq_length": 64, "packing": True, "per_device_train_batch_size": 4,
-        "learning_rate": 3e-3, "max_steps": 60, "save_steps": 0}))
-    return str(res.output_dir)
-
-
-def test_batched_greedy_equals_plain_generate(sft_model):
-    model, tok = load_model(sft_model), load_tokenizer(sft_model)
+def test_batched_greedy_equals_plain_generate(addition_sft_model):
+    model, tok = load_model(addition_sft_model), load_tokenizer(addition_sft_model)
     prompts = [r["messages"][:1] for r in addition_records(40)[:10]] + [[{"role": "user", "content": "Hi " * 7}]]
     outs = TransformersEngine(model, tok, batch_size=4).generate(prompts, SamplingParams(max_new_tokens=6))
     for o, p in zip(outs, prompts):
@@ -37,8 +24,8 @@ def test_batched_greedy_equals_plain_generate(sft_model):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_logprobs_match_a_teacher_forced_forward(sft_model, temperature):
-    model, tok = load_model(sft_model), load_tokenizer(sft_model)
+def test_logprobs_match_a_teacher_forced_forward(addition_sft_model, temperature):
+    model, tok = load_model(addition_sft_model), load_tokenizer(addition_sft_model)
     prompts = [r["messages"][:1] for r in addition_records(40)[:6]]
     outs = TransformersEngine(model, tok, batch_size=3).generate(
         prompts, SamplingParams(max_new_tokens=5, temperature=temperature, seed=3, n=2))
@@ -54,8 +41,8 @@ def test_logprobs_match_a_teacher_forced_forward(sft_model, temperature):
         assert len(o.logprobs) == len(o.token_ids)
 
 
-def test_stop_strings_and_finish_reasons(sft_model):
-    model, tok = load_model(sft_model), load_tokenizer(sft_model)
+def test_stop_strings_and_finish_reasons(addition_sft_model):
+    model, tok = load_model(addition_sft_model), load_tokenizer(addition_sft_model)
     engine = TransformersEngine(model, tok)
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
     full = engine.generate([prompt], SamplingParams(max_new_tokens=8))[0]
@@ -67,10 +54,10 @@ def test_stop_strings_and_finish_reasons(sft_model):
     assert cut.text == "" and cut.finish_reason == "stop" and len(cut.token_ids) >= 1
 
 
-def test_generation_sees_weights_trained_between_calls(sft_model):
+def test_generation_sees_weights_trained_between_calls(addition_sft_model):
     """RL trains the model the engine samples from: a fused AdamW step (which updates the weights in
     place) must show in the next call's log-probs."""
-    model, tok = load_model(sft_model), load_tokenizer(sft_model)
+    model, tok = load_model(addition_sft_model), load_tokenizer(addition_sft_model)
     engine = TransformersEngine(model, tok)
     prompts = [r["messages"][:1] for r in addition_records(40)[:4]]
     engine.generate(prompts, SamplingParams(max_new_tokens=3))

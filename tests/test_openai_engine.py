@@ -5,25 +5,18 @@ cache that makes an interrupted run lose nothing, and clear errors."""
 import threading
 
 import pytest
-from conftest import addition_records, write_jsonl
+from conftest import addition_records
 
-from posttrain.config import SFTConfig, load_config
 from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.inference.openai_engine import OpenAIEngine
 from posttrain.inference.serve import make_server
 from posttrain.models import load_model, load_tokenizer
-from posttrain.train.sft import run_sft
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("serve")
-    res = run_sft(load_config(SFTConfig, base={
-        "model": str(tiny_model_dir), "output_dir": str(root / "sft"), "chat_template": "tulu",
-        "datasets": [{"path": str(write_jsonl(root / "d.jsonl", addition_records(40)))}], "max_seq_length": 64,
-        "packing": True, "per_device_train_batch_size": 4, "learning_rate": 3e-3, "max_steps": 60, "save_steps": 0}))
-    return TransformersEngine(load_model(str(res.output_dir)), load_tokenizer(str(res.output_dir)))
+def local(addition_sft_model):
+    return TransformersEngine(load_model(addition_sft_model), load_tokenizer(addition_sft_model))
 
 
 def start(engine, faults=None, fault_delay=3.0):

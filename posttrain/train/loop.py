@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import manifest as manifest_mod
-from posttrain.atomic import write_json
+from posttrain.atomic import publish_dir, write_json
 from posttrain.config import TrainConfig, config_hash
 from posttrain.errors import UserError
 from posttrain.train import checkpoint as ckpt_mod
@@ -260,30 +260,50 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
         bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
         if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < total:
             evaluate_main(accelerator, eval_fn, inner, done, metrics_path)
-        if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total:
-            accelerator.wait_for_everyone()
-            if is_main:
-                ckpt_mod.save(out, done, inner, tokenizer, optimizer, scheduler,
-                              {"epoch": epoch, "config_hash": config_hash(cfg)}, cfg.save_total_limit)
-            accelerator.wait_for_everyone()
+        checkpoint_at(accelerator, cfg, done, total, inner, tokenizer, optimizer, scheduler, {"epoch": epoch})
     bar.close()
     # The optimizer state (2x the weights) is no longer needed: free it before the final evaluation
     # and save, which would otherwise add their own buffers on top of it at the run's peak.
     del optimizer, scheduler, params
     accelerator.free_memory()
+    return finish(accelerator, cfg, stage, inner, tokenizer, last, eval_fn, total, t_run, started, data, data_stats,
+                  resume_from)
 
+
+def checkpoint_at(accelerator, cfg: TrainConfig, done: int, total: int, model, tokenizer, optimizer, scheduler,
+                  state: dict, extra_models: dict | None = None) -> None:
+    """Every ``save_steps`` steps (not at the end, where the final model is written): a checkpoint."""
+    if cfg.save_steps <= 0 or done % cfg.save_steps or done >= total:
+        return
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt_mod.save(cfg.output_dir, done, model, tokenizer, optimizer, scheduler,
+                      {**state, "config_hash": config_hash(cfg)}, cfg.save_total_limit, extra_models)
+    accelerator.wait_for_everyone()
+
+
+def finish(accelerator, cfg: TrainConfig, stage: str, model, tokenizer, last: dict, eval_fn, total: int, t_run: float,
+           started: float, data: list[dict], data_stats: dict, resume_from, extra_models: dict | None = None) -> Result:
+    """The end of a run: the final evaluation, the model (and ``extra_models`` in subdirectories) and,
+    written last, ``manifest.json``."""
+    out = Path(cfg.output_dir)
+    metrics_path = out / "metrics.jsonl"
     final = dict(last)
     if eval_fn is not None:
-        final.update(evaluate_main(accelerator, eval_fn, inner, total, metrics_path))
-    if is_main:
-        save_final(inner, tokenizer, out, cfg.use_peft)
+        final.update(evaluate_main(accelerator, eval_fn, model, total, metrics_path))
+    if accelerator.is_main_process:
+        save_final(model, tokenizer, out, cfg.use_peft)
+        for name, extra in (extra_models or {}).items():
+            tmp = out / f".tmp-{name}"
+            extra.save_pretrained(tmp)
+            publish_dir(tmp, out / name)
         final["train_seconds"] = round(time.time() - t_run, 2)
         write_json(out / "manifest.json", manifest_mod.build(
             stage, cfg, data=data, data_stats=data_stats, metrics=final, started=started,
-            world_size=world, steps=total, resumed_from=str(resume_from) if resume_from else None))
+            world_size=accelerator.num_processes, steps=total, resumed_from=str(resume_from) if resume_from else None))
         log(f"{stage}: wrote {out}")
     accelerator.wait_for_everyone()
-    if report:
+    if cfg.report_to:
         accelerator.end_training()
     return Result(metrics=final, output_dir=out)
 

@@ -39,9 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from posttrain import manifest as manifest_mod
-from posttrain.atomic import publish_dir, write_json
-from posttrain.config import RLVRConfig, config_hash
+from posttrain.config import RLVRConfig
 from posttrain.data import chat
 from posttrain.data.mixing import mix
 from posttrain.errors import UserError
@@ -52,14 +50,15 @@ from posttrain.train import checkpoint as ckpt_mod
 from posttrain.train.logprobs import IGNORE, TokenLogProbs
 from posttrain.train.loop import (
     Result,
+    checkpoint_at,
     evaluate_main,
+    finish,
     finished,
     log,
     make_optimizer,
     make_scheduler,
     prepare_output_dir,
     reduce_sum,
-    save_final,
     trim_metrics,
 )
 from posttrain.train.rl import grpo, ppo
@@ -197,10 +196,11 @@ def micro_batches(prompts: list[dict], records: list[dict], size: int, share: st
 def split_tokens(values: torch.Tensor, batch: dict, records: list[dict]):
     """Hand ``[B, T-1]`` per-target values of a micro-batch back to its completion records (in order)."""
     flat = values[(batch["labels"][:, 1:] != IGNORE).to(values.device)].tolist()
+    start = 0
     for r in records:
-        n = len(r["token_ids"])
-        yield r, flat[:n]
-        flat = flat[n:]
+        end = start + len(r["token_ids"])
+        yield r, flat[start:end]
+        start = end
 
 
 def select_prompts(cfg: RLVRConfig, n_prompts: int, step: int, per_step: int, rank: int, world: int) -> list[int]:
@@ -358,35 +358,13 @@ def run_rlvr(cfg: RLVRConfig) -> Result:
         bar.set_postfix(reward=f"{last['reward']:.3f}", verified=f"{last['verified']:.3f}")
         if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < total:
             evaluate_main(accelerator, eval_fn, inner, done, metrics_path)
-        if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total:
-            accelerator.wait_for_everyone()
-            if is_main:
-                ckpt_mod.save(out, done, inner, tokenizer, optimizer, scheduler,
-                              {"epoch": step // steps_per_epoch, "config_hash": config_hash(cfg)},
-                              cfg.save_total_limit, extra_models)
-            accelerator.wait_for_everyone()
+        checkpoint_at(accelerator, cfg, done, total, inner, tokenizer, optimizer, scheduler,
+                      {"epoch": step // steps_per_epoch}, extra_models)
     bar.close()
     del optimizer, scheduler, params
     accelerator.free_memory()
-
-    final = dict(last)
-    if eval_fn is not None:
-        final.update(evaluate_main(accelerator, eval_fn, inner, total, metrics_path))
-    if is_main:
-        save_final(inner, tokenizer, out, cfg.use_peft)
-        if value is not None:
-            tmp = out / ".tmp-value"
-            value.model.save_pretrained(tmp)
-            publish_dir(tmp, out / "value")
-        final["train_seconds"] = round(time.time() - t_run, 2)
-        write_json(out / "manifest.json", manifest_mod.build(
-            "rlvr", cfg, data=lineage, data_stats=stats, metrics=final, started=started, world_size=world,
-            steps=total, resumed_from=str(resume_from) if resume_from else None))
-        log(f"rlvr: wrote {out}")
-    accelerator.wait_for_everyone()
-    if cfg.report_to:
-        accelerator.end_training()
-    return Result(metrics=final, output_dir=out)
+    return finish(accelerator, cfg, "rlvr", inner, tokenizer, last, eval_fn, total, t_run, started, lineage, stats,
+                  resume_from, extra_models)
 
 
 @torch.no_grad()

@@ -122,34 +122,6 @@ def cmd_soup(args) -> None:
     print(soup(args.checkpoints, args.out, weights))
 
 
-def cmd_data_arithmetic(args) -> None:
-    import json
-    from pathlib import Path
-
-    from posttrain.atomic import write_json, write_text
-    from posttrain.data.synth import arithmetic as ar
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, list[str]] = {"corpus.txt": [], "sft.jsonl": [], "rlvr.jsonl": [], "heldout.jsonl": []}
-    counts = {}
-    for op in [o.strip() for o in args.ops.split(",") if o.strip()]:
-        if op not in ar.SYMBOLS:
-            raise UserError(f"--ops: unknown operation {op!r}; expected some of {', '.join(ar.SYMBOLS)}")
-        train, heldout = ar.split_problems(ar.problems(op, args.train + args.heldout, args.digits, args.seed), args.heldout)
-        ar.check_disjoint([ar.question(op, a, b) for a, b in train], [ar.question(op, a, b) for a, b in heldout])
-        files["corpus.txt"] += [ar.corpus_line(op, a, b) for a, b in train]
-        files["sft.jsonl"] += [json.dumps(ar.sft_record(op, a, b)) for a, b in train]
-        files["rlvr.jsonl"] += [json.dumps(ar.rlvr_record(op, a, b)) for a, b in train]
-        files["heldout.jsonl"] += [json.dumps(ar.rlvr_record(op, a, b)) for a, b in heldout]
-        counts[op] = {"train": len(train), "heldout": len(heldout)}
-    for name, lines in files.items():
-        write_text(out / name, "".join(line + "\n" for line in lines))
-    write_json(out / "manifest.json", {"generator": "posttrain data arithmetic", "ops": counts, "digits": args.digits,
-                                       "seed": args.seed, "license": ar.LICENSE, "files": sorted(files)})
-    print(out)
-
-
 def cmd_demo(args) -> None:
     from posttrain.demo import run_demo, run_full_demo
 
@@ -189,6 +161,8 @@ def cmd_model_prepare(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from posttrain.data.commands import add_parsers as add_data_parsers
+
     p = argparse.ArgumentParser(prog="posttrain",
                                 description="Post-train language models: the Tulu 3 recipe, open and reproducible.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -264,16 +238,9 @@ def parser() -> argparse.ArgumentParser:
     so.add_argument("--weights", help="comma-separated weights, one per checkpoint (default: equal)")
     so.set_defaults(func=cmd_soup)
 
-    da = sub.add_parser("data", help="data tools")
+    da = sub.add_parser("data", help="data tools: synthesis, decontamination, filtering, preference pairs, selection")
     dsub = da.add_subparsers(dest="data_command", required=True)
-    ar = dsub.add_parser("arithmetic", help="synthetic verifiable math: corpus, SFT, RLVR and disjoint held-out sets")
-    ar.add_argument("--out", required=True)
-    ar.add_argument("--ops", default="add,sub,mul", help="comma-separated: add, sub, mul")
-    ar.add_argument("--digits", type=int, default=2, help="digits per operand at most (difficulty)")
-    ar.add_argument("--train", type=int, default=1000, help="training problems per operation")
-    ar.add_argument("--heldout", type=int, default=200, help="held-out problems per operation")
-    ar.add_argument("--seed", type=int, default=0)
-    ar.set_defaults(func=cmd_data_arithmetic)
+    add_data_parsers(dsub)
 
     d = sub.add_parser("demo", help="the main job on its embedded default: a tiny model learns addition by SFT")
     d.add_argument("--out", help="output directory (default: runs/demo, or runs/demo-full with --full)")

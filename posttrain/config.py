@@ -279,6 +279,7 @@ class DPOConfig(TrainConfig):
     loss_type: Literal["dpo", "dpo_norm", "simpo", "ipo"] = "dpo"
     label_smoothing: float = 0.0
     gamma_beta_ratio: float = 0.5  # simpo: the margin gamma is gamma_beta_ratio * beta
+    rpo_alpha: float = 0.0  # weight of the chosen responses' per-token NLL added to the loss (RPO)
     packing: bool = False  # several pairs per row (each row holds whole pairs, chosen then rejected)
 
     def validate(self) -> None:
@@ -287,6 +288,8 @@ class DPOConfig(TrainConfig):
             raise UserError("config: key 'datasets' is required: a list of preference sources")
         if self.beta <= 0:
             raise UserError(f"config: key 'beta' must be > 0, got {self.beta}")
+        if self.rpo_alpha < 0:
+            raise UserError(f"config: key 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise UserError(f"config: key 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
 

@@ -62,6 +62,21 @@ def test_loss_and_gradient_match_hand_computation(loss_type, beta, eps):
         assert float(pr.grad[i]) == pytest.approx(gr, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("loss_type", ["dpo", "dpo_norm"])
+def test_rpo_adds_the_chosen_per_token_nll(loss_type):
+    """RPO: L + alpha * (-pc / nc); d/dpc gains -alpha / nc, d/dpr is unchanged."""
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    pc = torch.tensor(PC, dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor(PR, dtype=torch.float64, requires_grad=True)
+    losses, _, _ = preference_loss(loss_type, pc, pr, t(RC), t(RR), t(NC), t(NR), 0.5, rpo_alpha=0.7)
+    losses.sum().backward()
+    for i in range(len(PC)):
+        loss, gc, gr = hand(loss_type, i, 0.5)
+        assert float(losses[i]) == pytest.approx(loss + 0.7 * -PC[i] / NC[i], rel=1e-10)
+        assert float(pc.grad[i]) == pytest.approx(gc - 0.7 / NC[i], rel=1e-9)
+        assert float(pr.grad[i]) == pytest.approx(gr, rel=1e-9)
+
+
 def test_implicit_rewards():
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     _, c, r = preference_loss("dpo", t(PC), t(PR), t(RC), t(RR), t(NC), t(NR), 0.1)

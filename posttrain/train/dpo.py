@@ -10,6 +10,8 @@ over their tokens, ``rc``, ``rr`` = the same under the reference (the starting p
                  (Tulu 3's final choice: β = 5, lr 5e-7, one epoch)
 - ``simpo``:     ``L = −log σ(β·(pc/nc − pr/nr) − γ)``, ``γ = gamma_beta_ratio · β``; no reference
 - ``ipo``:       ``L = (Δ_avg − 1/(2β))²`` with ``Δ_avg`` the per-token-averaged ``Δ``
+- ``rpo_alpha`` (any loss): ``L + α·(−pc/nc)``, the chosen response's per-token negative log-likelihood
+                 (RPO, Pang et al. 2024), which keeps the chosen responses likely while the margin grows
 
 The loss of a step is the mean of ``L`` over the pairs of the global batch. Implicit rewards are
 ``β·(p − r)`` in the loss's own normalisation (``β·p/n`` for SimPO); logged as ``rewards/chosen``,
@@ -37,7 +39,7 @@ from posttrain.train.loop import Objective, Result, finished, log, train
 
 
 def preference_loss(loss_type: str, pc, pr, rc, rr, nc, nr, beta: float, label_smoothing: float = 0.0,
-                    gamma_beta_ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    gamma_beta_ratio: float = 0.5, rpo_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and implicit chosen/rejected rewards (see the module docstring)."""
     if loss_type == "dpo":
         delta = (pc - pr) - (rc - rr)
@@ -56,6 +58,8 @@ def preference_loss(loss_type: str, pc, pr, rc, rr, nc, nr, beta: float, label_s
         losses = -F.logsigmoid(beta * delta - gamma_beta_ratio * beta)
     else:
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    if rpo_alpha:
+        losses = losses - rpo_alpha * pc / nc
     return losses, rewards[0], rewards[1]
 
 
@@ -69,7 +73,7 @@ def dpo_objective(cfg: DPOConfig, ref: torch.Tensor | None) -> Objective:
         pc, pr, nc, nr = sums[0::2], sums[1::2], counts[0::2], counts[1::2]
         r = torch.zeros(len(pc), 2).to(sums) if ref is None else ref[batch["pair_index"].cpu()].to(sums)
         losses, chosen, rejected = preference_loss(cfg.loss_type, pc, pr, r[:, 0], r[:, 1], nc, nr,
-                                                   cfg.beta, cfg.label_smoothing, cfg.gamma_beta_ratio)
+                                                   cfg.beta, cfg.label_smoothing, cfg.gamma_beta_ratio, cfg.rpo_alpha)
         d = lambda x: float(x.detach().sum()) / num_pairs  # noqa: E731
         return losses.sum() / num_pairs, {
             "rewards/chosen": d(chosen), "rewards/rejected": d(rejected), "rewards/margins": d(chosen - rejected),

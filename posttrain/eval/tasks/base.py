@@ -13,7 +13,8 @@ from posttrain.errors import UserError
 class Task:
     name: str
     hub: tuple[str, str | None, str]  # default source: (dataset id, configuration, split)
-    instance: Callable[[dict, str], dict]  # raw record, place -> {"id", "prompt", "ground_truth", ...}
+    # raw record, place -> {"id", "prompt", "ground_truth", "text" (the item as its authors wrote it), ...}
+    instance: Callable[[dict, str], dict]
     score: Callable[[str, dict], dict] | None = None  # output, instance -> {"score": float, "extracted": ..., ...}
     kind: str = "generate"  # generate | loglikelihood
     max_new_tokens: int = 512

@@ -34,7 +34,7 @@ def instance(raw: dict, where: str, shots: int = 0) -> dict:
     for q, a in EXEMPLARS[:shots]:
         turns += [{"role": "user", "content": q + INSTRUCTION}, {"role": "assistant", "content": a}]
     return {"id": raw.get("id"), "prompt": turns + [{"role": "user", "content": question + INSTRUCTION}],
-            "ground_truth": gsm8k_final_answer(field_of(raw, "answer", where))}
+            "ground_truth": gsm8k_final_answer(field_of(raw, "answer", where)), "text": question}
 
 
 def score(output: str, inst: dict) -> dict:

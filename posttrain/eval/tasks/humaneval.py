@@ -19,7 +19,7 @@ def instance(raw: dict, where: str) -> dict:
     code = field_of(raw, "prompt", where)
     return {"id": raw.get("task_id", raw.get("id")), "prompt": [{"role": "user", "content": HUMANEVAL_INSTRUCTION + code}],
             "ground_truth": {"test": field_of(raw, "test", where), "entry_point": field_of(raw, "entry_point", where),
-                             "prompt": code}}
+                             "prompt": code}, "text": code}
 
 
 def score(output: str, inst: dict) -> dict:

@@ -9,6 +9,7 @@ from posttrain.rewards import ifeval as verifier
 
 def instance(raw: dict, where: str) -> dict:
     return {"id": raw.get("key", raw.get("id")), "prompt": [{"role": "user", "content": field_of(raw, "prompt", where)}],
+            "text": raw["prompt"],
             "ground_truth": {"instruction_id_list": field_of(raw, "instruction_id_list", where, list),
                              "kwargs": field_of(raw, "kwargs", where, list)}}
 

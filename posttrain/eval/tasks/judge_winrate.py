@@ -34,7 +34,7 @@ _VERDICT = re.compile(r"\b([AB])\b")
 def instance(raw: dict, where: str) -> dict:
     instruction = field_of(raw, "instruction", where)
     return {"id": raw.get("id"), "prompt": [{"role": "user", "content": instruction}], "instruction": instruction,
-            "ground_truth": field_of(raw, "output", where)}
+            "text": instruction, "ground_truth": field_of(raw, "output", where)}
 
 
 def judge_prompts(samples: list[dict], seed: int) -> list[tuple[list[dict], bool]]:

@@ -10,9 +10,10 @@ INSTRUCTION = "\nSolve the problem. Put your final answer within \\boxed{}."
 
 
 def instance(raw: dict, where: str) -> dict:
-    question = field_of(raw, "problem", where) + INSTRUCTION
+    problem = field_of(raw, "problem", where)
+    question = problem + INSTRUCTION
     return {"id": raw.get("unique_id", raw.get("id")), "prompt": [{"role": "user", "content": question}],
-            "ground_truth": math_answer(raw, where), "subject": raw.get("subject"), "level": raw.get("level")}
+            "ground_truth": math_answer(raw, where), "subject": raw.get("subject"), "level": raw.get("level"), "text": problem}
 
 
 def score(output: str, inst: dict) -> dict:

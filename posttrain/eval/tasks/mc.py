@@ -24,7 +24,7 @@ def instance(raw: dict, where: str) -> dict:
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     question = field_of(raw, "question", where) + "\n" + "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices))
     return {"id": raw.get("id"), "prompt": [{"role": "user", "content": question + "\nAnswer:"}], "choices": choices,
-            "ground_truth": answer, "subject": raw.get("subject")}
+            "ground_truth": answer, "subject": raw.get("subject"), "text": question}
 
 
 def metrics(samples: list[dict]) -> dict:

@@ -15,7 +15,8 @@ EXTRACTORS = {"gsm8k": gsm8k.extract, "math": math.extract}
 def instance(raw: dict, where: str) -> dict:
     rec = verifiable_record(raw, where)
     get_verifier(rec["verifier"])
-    return {"id": rec.get("id"), "prompt": rec["messages"], "ground_truth": rec["ground_truth"], "verifier": rec["verifier"]}
+    return {"id": rec.get("id"), "prompt": rec["messages"], "ground_truth": rec["ground_truth"], "verifier": rec["verifier"],
+            "text": "\n".join(m["content"] for m in rec["messages"] if m["role"] == "user")}
 
 
 def score(output: str, inst: dict) -> dict:

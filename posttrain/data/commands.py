@@ -1,0 +1,244 @@
+"""``posttrain data ...``: the data tools' command-line parsers and what each command writes.
+
+Every command that calls a model takes ``--engine``-style arguments: a local model (directory, hub id
+or alias) or ``openai:<model>@<base_url>``. Answers are cached under ``--cache`` (default
+``OUTPUT/.cache``) as they arrive, so re-running an interrupted command continues where it stopped.
+Each command writes its records (JSONL) and ``report.json`` (arguments and counts) under ``--output``,
+atomically, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from posttrain.errors import UserError
+
+EXAMPLE_PERSONAS = Path(__file__).parent / "examples" / "personas.jsonl"
+
+
+def _engine(spec: str, args, cache_name: str = "engine"):
+    from posttrain.inference.open import open_engine
+
+    cache = Path(args.cache) if args.cache else Path(args.output) / ".cache"
+    return open_engine(spec, cache / cache_name, batch_size=args.batch_size, max_retries=args.retries)
+
+
+def _license_of(spec: str) -> str:
+    """A local model's license from its model card's front matter; else ``unknown``."""
+    if spec.startswith("openai:"):
+        return "see the provider's terms"
+    card = Path(spec) / "README.md"
+    if card.is_file():
+        for line in card.read_text(errors="replace").splitlines()[:40]:
+            if line.startswith("license:"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _write(args, files: dict[str, list[dict]], report: dict) -> None:
+    """Each records file (JSONL) and ``report.json`` (the command, its arguments, ``report``)."""
+    from posttrain.atomic import write_json, write_text
+
+    out = Path(args.output)
+    for name, records in files.items():
+        write_text(out / name, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+        print(f"{len(records)} records -> {out / name}")
+    params = {k: v for k, v in vars(args).items() if k not in ("func", "command", "data_command")}
+    write_json(out / "report.json", {"command": f"posttrain data {args.data_command}", "arguments": params, **report})
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    from posttrain.data.io import read_records
+
+    return [raw for raw, _ in read_records(path)]
+
+
+def cmd_arithmetic(args) -> None:
+    from posttrain.atomic import write_json, write_text
+    from posttrain.data.synth import arithmetic as ar
+
+    out = Path(args.out)
+    files: dict[str, list[str]] = {"corpus.txt": [], "sft.jsonl": [], "rlvr.jsonl": [], "heldout.jsonl": []}
+    counts = {}
+    for op in [o.strip() for o in args.ops.split(",") if o.strip()]:
+        if op not in ar.SYMBOLS:
+            raise UserError(f"--ops: unknown operation {op!r}; expected some of {', '.join(ar.SYMBOLS)}")
+        train, heldout = ar.split_problems(ar.problems(op, args.train + args.heldout, args.digits, args.seed), args.heldout)
+        ar.check_disjoint([ar.question(op, a, b) for a, b in train], [ar.question(op, a, b) for a, b in heldout])
+        files["corpus.txt"] += [ar.corpus_line(op, a, b) for a, b in train]
+        files["sft.jsonl"] += [json.dumps(ar.sft_record(op, a, b)) for a, b in train]
+        files["rlvr.jsonl"] += [json.dumps(ar.rlvr_record(op, a, b)) for a, b in train]
+        files["heldout.jsonl"] += [json.dumps(ar.rlvr_record(op, a, b)) for a, b in heldout]
+        counts[op] = {"train": len(train), "heldout": len(heldout)}
+    for name, lines in files.items():
+        write_text(out / name, "".join(line + "\n" for line in lines))
+    write_json(out / "manifest.json", {"generator": "posttrain data arithmetic", "ops": counts, "digits": args.digits,
+                                       "seed": args.seed, "license": ar.LICENSE, "files": sorted(files)})
+    print(out)
+
+
+def cmd_decontaminate(args) -> None:
+    from posttrain.data.decontam import decontaminate
+
+    against = [a.strip() for item in args.against for a in item.split(",") if a.strip()]
+    report = decontaminate(args.train, against, args.output, n=args.ngram, threshold=args.threshold, mode=args.mode,
+                           remove=args.remove, workers=args.workers)
+    s = report["summary"]
+    for name, src in s["sources"].items():
+        print(f"{name}: {src['flagged']} / {src['records']} flagged ({src['percent']}%)")
+    print(f"report: {Path(args.output) / 'report.json'}")
+
+
+def cmd_persona(args) -> None:
+    from posttrain.data.synth.persona import synthesize
+
+    personas = []
+    for raw in _read_jsonl(args.personas):
+        text = raw.get("persona") if isinstance(raw, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{args.personas}: every record needs a non-empty 'persona' string")
+        personas.append(text.strip())
+    records, stats = synthesize(personas, args.skill, _engine(args.engine, args), args.n, args.engine,
+                                args.generator_license or _license_of(args.engine), seed=args.seed,
+                                temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    _write(args, {"records.jsonl": records}, {"stats": stats})
+
+
+def cmd_solve(args) -> None:
+    from posttrain.data.synth.prompts import read_prompts
+    from posttrain.data.synth.selfconsistency import solve
+
+    prompts = read_prompts(args.prompts, args.verifier)
+    solved = solve(_engine(args.engine, args), prompts, args.samples, args.temperature, args.max_new_tokens, args.seed)
+    answered = sum(s["answer"] is not None for r in solved for s in r["solutions"])
+    _write(args, {"records.jsonl": solved}, {"stats": {"prompts": len(solved), "solutions": len(solved) * args.samples,
+                                                     "with_answer": answered}})
+
+
+def cmd_selfconsistency(args) -> None:
+    from posttrain.data.synth.selfconsistency import vote
+
+    sft, rlvr, stats = vote(_read_jsonl(args.input), args.min_agreement)
+    _write(args, {"records.jsonl": sft, "rlvr.jsonl": rlvr}, {"stats": stats})
+
+
+def cmd_preferences(args) -> None:
+    from posttrain.data.synth.preferences import build_pairs, load_pool
+    from posttrain.data.synth.prompts import read_prompts
+
+    specs, per_prompt = load_pool(args.pool)
+    pool = {name: _engine(spec, args, f"pool-{name}") for name, spec in specs.items()}
+    onpolicy = ("onpolicy", _engine(args.onpolicy, args, "onpolicy")) if args.onpolicy else None
+    pairs, judged, stats = build_pairs(read_prompts(args.prompts), pool, _engine(args.judge, args, "judge"), onpolicy,
+                                       per_prompt, args.max_new_tokens, args.temperature, seed=args.seed)
+    _write(args, {"records.jsonl": pairs, "judgments.jsonl": judged}, {"stats": stats})
+
+
+def cmd_select(args) -> None:
+    from posttrain.data.synth.select import DEFAULT_DOMAINS, select
+
+    specs = [s.strip() for s in (args.difficulty_models or "").split(",") if s.strip()]
+    difficulty = {spec: _engine(spec, args, f"difficulty-{i}") for i, spec in enumerate(specs)}
+    domains = tuple(d.strip() for d in args.domain_list.split(",")) if args.domain_list else DEFAULT_DOMAINS
+    chosen, report = select(_read_jsonl(args.input), args.size, difficulty, args.domain_field,
+                            _engine(args.domain_engine, args, "domains") if args.domain_engine else None, domains,
+                            args.seed, args.max_new_tokens)
+    _write(args, {"records.jsonl": chosen}, {"stats": report})
+
+
+def cmd_self_instruct(args) -> None:
+    from posttrain.data.synth.self_instruct import bootstrap
+
+    seeds = _read_jsonl(args.seed_tasks)
+    for i, t in enumerate(seeds):
+        if not isinstance(t.get("instruction"), str):
+            raise UserError(f"{args.seed_tasks}: record {i + 1}: field 'instruction' (a string) is required")
+    records, stats = bootstrap(seeds, _engine(args.engine, args), args.n, args.engine, batch=args.batch,
+                               temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    _write(args, {"records.jsonl": records}, {"stats": stats})
+
+
+def _common(p, engine: bool = True) -> None:
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    if engine:
+        p.add_argument("--cache", help="cache directory for model answers (default: OUTPUT/.cache)")
+        p.add_argument("--batch-size", type=int, default=16, help="batch size of a local model")
+        p.add_argument("--retries", type=int, default=6, help="retries of a failed endpoint request (backoff doubles)")
+        p.add_argument("--max-new-tokens", type=int, default=512)
+        p.add_argument("--temperature", type=float, default=0.7)
+
+
+def add_parsers(dsub) -> None:
+    ar = dsub.add_parser("arithmetic", help="synthetic verifiable math: corpus, SFT, RLVR and disjoint held-out sets")
+    ar.add_argument("--out", required=True)
+    ar.add_argument("--ops", default="add,sub,mul", help="comma-separated: add, sub, mul")
+    ar.add_argument("--digits", type=int, default=2, help="digits per operand at most (difficulty)")
+    ar.add_argument("--train", type=int, default=1000, help="training problems per operation")
+    ar.add_argument("--heldout", type=int, default=200, help="held-out problems per operation")
+    ar.add_argument("--seed", type=int, default=0)
+    ar.set_defaults(func=cmd_arithmetic)
+
+    dc = dsub.add_parser("decontaminate", help="flag (and remove) training prompts that overlap evaluation sets")
+    dc.add_argument("--train", nargs="+", required=True, help="data files / hub ids, or a YAML mix with 'datasets:'")
+    dc.add_argument("--against", action="append", required=True,
+                    help="comma-separated suites (suite:dev), tasks (gsm8k) and task files (gsm8k=PATH); repeatable")
+    dc.add_argument("--output", required=True)
+    dc.add_argument("--ngram", type=int, default=8, help="words per n-gram")
+    dc.add_argument("--threshold", type=float, default=0.5,
+                    help="flag when this share of an evaluation instance's n-grams occurs in the prompt")
+    dc.add_argument("--mode", choices=["ngram", "exact"], default="ngram",
+                    help="exact: flag only prompts containing a whole normalised evaluation text")
+    dc.add_argument("--remove", action="store_true", help="write clean copies under OUTPUT/clean and a manifest")
+    dc.add_argument("--workers", type=int, help="processes (default: the CPU count, at most 8)")
+    dc.set_defaults(func=cmd_decontaminate)
+
+    pe = dsub.add_parser("persona", help="persona-driven prompts: math, code, or IFEval-style with verifiable constraints")
+    pe.add_argument("--personas", default=str(EXAMPLE_PERSONAS), help="JSONL with a 'persona' field (default: 24 examples)")
+    pe.add_argument("--skill", required=True, choices=["math", "code", "ifeval"])
+    pe.add_argument("--engine", required=True, help="local model or openai:<model>@<base_url>")
+    pe.add_argument("--n", type=int, default=1000)
+    pe.add_argument("--generator-license", help="license of the generator's outputs (default: from its model card)")
+    _common(pe)
+    pe.set_defaults(func=cmd_persona)
+
+    so = dsub.add_parser("solve", help="sample step-by-step solutions, answers extracted by the verifier")
+    so.add_argument("--prompts", nargs="+", required=True)
+    so.add_argument("--engine", required=True)
+    so.add_argument("--samples", type=int, default=4)
+    so.add_argument("--verifier", default="gsm8k", choices=["gsm8k", "math"], help="for prompts that do not name one")
+    _common(so)
+    so.set_defaults(func=cmd_solve)
+
+    sc = dsub.add_parser("selfconsistency", help="keep prompts whose solutions agree (majority vote)")
+    sc.add_argument("--in", dest="input", required=True, help="the output of `posttrain data solve`")
+    sc.add_argument("--min-agreement", type=float, default=0.5, help="the majority answer's share of the samples")
+    _common(sc, engine=False)
+    sc.set_defaults(func=cmd_selfconsistency)
+
+    pr = dsub.add_parser("preferences", help="preference pairs from a model pool (+ on-policy) rated by an LLM judge")
+    pr.add_argument("--prompts", nargs="+", required=True, help="prompt files (SFT prompts, new, out-of-domain, ...)")
+    pr.add_argument("--pool", required=True, help="YAML: models: [{name, engine}], optional per_prompt")
+    pr.add_argument("--judge", required=True)
+    pr.add_argument("--onpolicy", help="the model being improved (answers every prompt)")
+    _common(pr)
+    pr.set_defaults(func=cmd_preferences)
+
+    se = dsub.add_parser("select", help="s1 selection: quality, difficulty, diversity down to --size")
+    se.add_argument("--in", dest="input", required=True)
+    se.add_argument("--size", type=int, required=True)
+    se.add_argument("--difficulty-models", help="comma-separated engines; drop questions any of them answers right")
+    se.add_argument("--domain-field", help="the field holding each record's domain")
+    se.add_argument("--domain-engine", help="an engine that labels domains (when there is no --domain-field)")
+    se.add_argument("--domain-list", help="comma-separated domain labels for --domain-engine")
+    _common(se)
+    se.set_defaults(func=cmd_select)
+
+    si = dsub.add_parser("self-instruct", help="bootstrap new instructions from seed tasks")
+    si.add_argument("--seed-tasks", required=True, help="JSONL with 'instruction' (self-instruct's seed_tasks.jsonl)")
+    si.add_argument("--engine", required=True)
+    si.add_argument("--n", type=int, default=500)
+    si.add_argument("--batch", type=int, default=8, help="generation requests per round")
+    _common(si)
+    si.set_defaults(func=cmd_self_instruct)

@@ -1,0 +1,156 @@
+"""Persona-driven prompt synthesis (Tulu 3 after Chan et al. 2024, "Scaling synthetic data creation
+with 1,000,000,000 personas").
+
+One persona fills one template of the chosen skill, and the engine writes a new prompt from it:
+
+- ``math``: a hard math word problem the persona would meet (a verifiable prompt once solved and
+  filtered by self-consistency, ``posttrain data solve`` then ``selfconsistency``);
+- ``code``: a self-contained Python programming problem the persona would need;
+- ``ifeval``: a request the persona would make, followed by 1-3 verifiable constraints drawn
+  (seeded, no two of the same group) from ``CONSTRAINTS``; the record is a ready RLVR prompt whose
+  ground truth is IFEval's ``instruction_id_list`` + ``kwargs``, checked by the ``ifeval`` verifier.
+
+Near-duplicates are removed with MinHash (``datasketch``, 128 permutations, word 3-gram shingles,
+LSH at Jaccard ``dedup_threshold``): a prompt is dropped when the LSH finds an earlier kept one.
+Every record carries ``persona``, ``template``, ``generator`` and ``generator_license``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from datasketch import MinHash, MinHashLSH
+
+from posttrain.errors import UserError
+from posttrain.inference.engine import SamplingParams
+
+TEMPLATES = {
+    "math": [
+        "Create a challenging math word problem that the following persona could face in their life or work. "
+        "The problem must have a single numerical answer. Write only the problem.\n\nPersona: {persona}",
+        "Write a multi-step math problem inspired by the following persona, hard enough for a strong high-school "
+        "student. Write only the problem, not the solution.\n\nPersona: {persona}",
+    ],
+    "code": [
+        "Write a self-contained Python programming problem that the following persona might need solved. State "
+        "the function signature, the input and the expected output. Write only the problem.\n\nPersona: {persona}",
+    ],
+    "ifeval": [
+        "Write one request that the following persona might send to an AI assistant (for example asking for an "
+        "essay, a letter, a story, advice or an explanation). Write only the request.\n\nPersona: {persona}",
+    ],
+}
+
+# (instruction id, group, kwargs sampler, description): the descriptions follow IFEval's wording.
+CONSTRAINTS = [
+    ("punctuation:no_comma", "punctuation", lambda r: {},
+     lambda k: "In your entire response, refrain from the use of any commas."),
+    ("change_case:english_lowercase", "case", lambda r: {},
+     lambda k: "Your entire response should be in English, and in all lowercase letters. No capital letters are allowed."),
+    ("change_case:english_capital", "case", lambda r: {},
+     lambda k: "Your entire response should be in English, and in all capital letters."),
+    ("detectable_format:title", "title", lambda r: {},
+     lambda k: "Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>."),
+    ("detectable_content:postscript", "end", lambda r: {"postscript_marker": r.choice(["P.S.", "P.P.S"])},
+     lambda k: f"At the end of your response, please explicitly add a postscript starting with {k['postscript_marker']}"),
+    ("length_constraints:number_words", "length",
+     lambda r: {"num_words": r.choice([50, 100, 150, 200, 300]), "relation": r.choice(["at least", "less than"])},
+     lambda k: f"Answer with {k['relation']} {k['num_words']} words."),
+    ("detectable_format:number_bullet_lists", "format", lambda r: {"num_bullets": r.randint(2, 5)},
+     lambda k: f"Your answer must contain exactly {k['num_bullets']} bullet points. Use the markdown bullet points "
+               "such as:\n* This is point 1.\n* This is point 2"),
+    ("startend:end_checker", "end", lambda r: {"end_phrase": r.choice(["Is there anything else I can help with?",
+                                                                      "Let me know if you have additional questions."])},
+     lambda k: f"Finish your response with this exact phrase {k['end_phrase']} No other words should follow this phrase."),
+    ("detectable_format:number_highlighted_sections", "format", lambda r: {"num_highlights": r.randint(1, 4)},
+     lambda k: f"Highlight at least {k['num_highlights']} sections in your answer with markdown, i.e. *highlighted section*."),
+    ("startend:quotation", "wrap", lambda r: {},
+     lambda k: "Wrap your entire response with double quotation marks."),
+]
+SKILLS = tuple(TEMPLATES)
+
+
+def constraints(rng: random.Random, k: int) -> tuple[list[str], list[dict], str]:
+    """``k`` compatible constraints: (instruction ids, kwargs, the text appended to the prompt). Two of
+    one group never go together, nor a case rule with a fixed end phrase (its letters have a case)."""
+    picked, groups = [], set()
+    for c in rng.sample(CONSTRAINTS, len(CONSTRAINTS)):
+        clash = c[1] in groups or {c[1], *groups} >= {"case", "end"}
+        if not clash:
+            picked.append(c)
+            groups.add(c[1])
+        if len(picked) == k:
+            break
+    kwargs = [c[2](rng) for c in picked]
+    return [c[0] for c in picked], kwargs, " ".join(c[3](kw) for c, kw in zip(picked, kwargs))
+
+
+def _clean(text: str) -> str:
+    text = text.strip()
+    text = re.sub(r"^(?:\*\*)?(?:problem|request|task|question)(?:\*\*)?\s*:\s*", "", text, flags=re.IGNORECASE)
+    return text.strip().strip('"').strip()
+
+
+def minhash(text: str, num_perm: int = 128) -> MinHash:
+    words = re.findall(r"\w+", text.lower())
+    shingles = {" ".join(words[i:i + 3]) for i in range(max(len(words) - 2, 1))}
+    m = MinHash(num_perm=num_perm, seed=1)
+    m.update_batch([s.encode() for s in shingles])
+    return m
+
+
+def near_duplicates(texts: list[str], threshold: float = 0.7, num_perm: int = 128) -> list[bool]:
+    """Per text, whether an earlier kept text is a near-duplicate (MinHash LSH at Jaccard ``threshold``)."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    out = []
+    for i, t in enumerate(texts):
+        m = minhash(t, num_perm)
+        dup = bool(lsh.query(m))
+        if not dup:
+            lsh.insert(str(i), m)
+        out.append(dup)
+    return out
+
+
+def synthesize(personas: list[str], skill: str, engine, n: int, generator: str, generator_license: str,
+               seed: int = 0, temperature: float = 0.8, max_new_tokens: int = 256,
+               dedup_threshold: float = 0.7) -> tuple[list[dict], dict]:
+    if skill not in TEMPLATES:
+        raise UserError(f"--skill must be one of {', '.join(SKILLS)}, got {skill!r}")
+    if not personas:
+        raise UserError("no personas")
+    rng = random.Random(f"{seed}:{skill}")
+    plan = []
+    for i in range(n):
+        persona = personas[i % len(personas)] if n <= len(personas) else rng.choice(personas)
+        t = rng.randrange(len(TEMPLATES[skill]))
+        plan.append((persona, t, constraints(rng, rng.randint(1, 3)) if skill == "ifeval" else None))
+    asks = [[{"role": "user", "content": TEMPLATES[skill][t].format(persona=p)}] for p, t, _ in plan]
+    outs = sorted(engine.generate(asks, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)),
+                  key=lambda o: o.prompt_index)
+    texts = [_clean(o.text) for o in outs]
+    dups = near_duplicates(texts, dedup_threshold)
+    records, stats = [], {"requested": n, "empty": 0, "unfinished": 0, "near_duplicates": 0}
+    for i, ((persona, t, cons), text, o, dup) in enumerate(zip(plan, texts, outs, dups)):
+        if not text:
+            stats["empty"] += 1
+            continue
+        if o.finish_reason != "stop":
+            stats["unfinished"] += 1
+            continue
+        if dup:
+            stats["near_duplicates"] += 1
+            continue
+        rec = {"id": f"persona_{skill}_{i}", "messages": [{"role": "user", "content": text}], "persona": persona,
+               "template": f"{skill}/{t}", "generator": generator, "generator_license": generator_license,
+               "source": f"persona/{skill}"}
+        if cons is not None:
+            ids, kwargs, suffix = cons
+            rec["messages"][0]["content"] = f"{text} {suffix}"
+            rec.update(ground_truth={"instruction_id_list": ids, "kwargs": kwargs}, verifier="ifeval")
+        elif skill == "math":
+            rec["verifier"] = "math"
+        records.append(rec)
+    stats["records"] = len(records)
+    return records, stats

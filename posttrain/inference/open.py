@@ -1,0 +1,69 @@
+"""One way to name an engine on the command line, and a disk cache that makes long data jobs resumable.
+
+``open_engine(spec)``: ``openai:<model>@<base_url>`` is an OpenAI-compatible endpoint (vLLM,
+``posttrain serve``, a hosted API; key from ``OPENAI_API_KEY``), anything else a local model (a
+directory, a hub id or an alias) run by the transformers engine. With ``cache_dir`` every answer is
+kept on disk as soon as it exists, so an interrupted command, run again, sends nothing twice:
+
+- the endpoint engine caches each request itself (``OpenAIEngine``);
+- a local engine is wrapped in ``CachedEngine``: prompts are generated in fixed chunks of the full
+  prompt list, chunk ``i`` with seed ``sampling.seed + i``, and each finished chunk is stored under a
+  hash of (model fingerprint, its prompts, the sampling parameters, ``i``). A re-run loads finished
+  chunks and regenerates the rest with the same seeds, so its results equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from posttrain.atomic import write_json
+from posttrain.inference.engine import Completion, SamplingParams
+
+
+def model_fingerprint(path: str) -> str:
+    """A local model directory's path with the names, sizes and modification times of its files."""
+    p = Path(path)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file()) if p.is_dir() else []
+    return hashlib.sha256(json.dumps([str(p.resolve()) if p.exists() else path, files]).encode()).hexdigest()[:16]
+
+
+class CachedEngine:
+    def __init__(self, engine, cache_dir: str | Path, model_key: str, chunk: int = 64):
+        self.engine, self.cache_dir, self.model_key, self.chunk = engine, Path(cache_dir), model_key, chunk
+        self.stats = {"chunks_generated": 0, "chunks_cached": 0}
+
+    def generate(self, prompts: list, sampling: SamplingParams | None = None) -> list[Completion]:
+        sampling = sampling or SamplingParams()
+        out: list[Completion] = []
+        for i in range(0, len(prompts), self.chunk):
+            part = prompts[i:i + self.chunk]
+            key = hashlib.sha256(json.dumps([self.model_key, part, asdict(sampling), i // self.chunk],
+                                            sort_keys=True, default=str).encode()).hexdigest()
+            path = self.cache_dir / key[:2] / f"{key}.json"
+            if path.is_file():
+                got = [Completion(**c) for c in json.loads(path.read_text())]
+                self.stats["chunks_cached"] += 1
+            else:
+                got = self.engine.generate(part, replace(sampling, seed=sampling.seed + i // self.chunk))
+                write_json(path, [asdict(c) for c in got])
+                self.stats["chunks_generated"] += 1
+            out += [replace(c, prompt_index=c.prompt_index + i) for c in got]
+        return out
+
+
+def open_engine(spec: str, cache_dir: str | Path | None = None, batch_size: int = 16, chunk: int = 64,
+                max_retries: int = 6):
+    """The engine a data command was given: an endpoint or a local model (see the module docstring)."""
+    if spec.startswith("openai:"):
+        from posttrain.inference.openai_engine import OpenAIEngine
+
+        return OpenAIEngine.from_spec(spec, cache_dir=cache_dir, max_retries=max_retries)
+    from posttrain.inference.engine import TransformersEngine
+    from posttrain.models import load_model, load_tokenizer, resolve
+
+    path = resolve(spec)
+    engine = TransformersEngine(load_model(path).eval(), load_tokenizer(path), batch_size=batch_size)
+    return CachedEngine(engine, cache_dir, model_fingerprint(path), chunk) if cache_dir else engine

@@ -92,7 +92,7 @@ def cmd_tts(args) -> None:
                        wait=args.wait_string, max_answer_tokens=args.max_answer_tokens)
     sweep(args.model, args.task, args.output, _int_list(args.max_thinking, "--max-thinking"), _int_list(args.wait, "--wait"),
           _int_list(args.majority, "--majority") or [1], bf, limit=args.limit, data=data.get(args.task),
-          temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
+          temperature=args.temperature, batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens)
     print(f"{args.output}/results.json")
 
 
@@ -123,12 +123,9 @@ def cmd_soup(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from posttrain.demo import run_demo, run_full_demo
+    from posttrain.demo import run_demo
 
-    if args.full:
-        run_full_demo(args.out or "runs/demo-full", args.overrides)
-    else:
-        run_demo(args.out or "runs/demo", args.overrides)
+    run_demo(args.out, args.overrides)
 
 
 def cmd_model_tiny(args) -> None:
@@ -198,7 +195,8 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tts", help="test-time scaling: budget forcing and majority voting sweeps (s1)")
     t.add_argument("--model", required=True)
     t.add_argument("--task", required=True)
-    t.add_argument("--max-thinking", default="", help="comma-separated thinking-token caps, e.g. 64,128,256")
+    t.add_argument("--max-thinking", default="", help="comma-separated thinking-token caps, e.g. 64,128,256 "
+                   "(with neither this nor --wait: plain sampling, majority voting only)")
     t.add_argument("--wait", default="", help="comma-separated numbers of 'Wait' extensions, e.g. 0,1,2")
     t.add_argument("--majority", default="1", help="comma-separated majority-vote sizes, e.g. 1,4,8")
     t.add_argument("--limit", type=int)
@@ -209,6 +207,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--answer-prefix", default="\nFinal Answer:")
     t.add_argument("--wait-string", default="Wait")
     t.add_argument("--max-answer-tokens", type=int, default=64)
+    t.add_argument("--max-new-tokens", type=int, default=256,
+                   help="longest completion without --max-thinking/--wait (plain sampling), or longest uncapped thinking")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--output", default="runs/tts")
@@ -242,11 +242,10 @@ def parser() -> argparse.ArgumentParser:
     dsub = da.add_subparsers(dest="data_command", required=True)
     add_data_parsers(dsub)
 
-    d = sub.add_parser("demo", help="the main job on its embedded default: a tiny model learns addition by SFT")
-    d.add_argument("--out", help="output directory (default: runs/demo, or runs/demo-full with --full)")
-    d.add_argument("--full", action="store_true", help="the whole recipe: midtrain, anneal, SFT, on-policy DPO, GRPO, "
-                   "evaluations (posttrain/recipes/demo.yaml)")
-    d.add_argument("overrides", nargs="*", help="overrides: key=value of the SFT config; with --full, STAGE.key=value")
+    d = sub.add_parser("demo", help="the main job on its embedded default: the whole recipe (midtrain, anneal, SFT, "
+                       "on-policy DPO, GRPO, evaluations, majority voting) on a tiny model, on CPU")
+    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    d.add_argument("overrides", nargs="*", help="STAGE.key=value overrides of posttrain/recipes/demo.yaml")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("model", help="build or prepare models")

@@ -159,7 +159,8 @@ def _runner(kind: str):
 def _evaluate(kind: str, config: dict, out: Path, fresh: bool, model: str | None) -> dict:
     results = out / "results.json"
     if not fresh and results.is_file():
-        return {"skipped": True, "results": json.loads(results.read_text()).get("results")}
+        done = json.loads(results.read_text())
+        return {"skipped": True, "results": done.get("results", done.get("points"))}  # eval/pairs, tts
     target = config.pop("model", None) or model
     config.pop("output_dir")
     if kind == "onpolicy_pairs":

@@ -22,7 +22,7 @@ def brute_force(eval_texts: list[tuple[str, int, str]], train_texts: list[str], 
     def grams(ws, k):
         return {tuple(ws[i:i + k]) for i in range(len(ws) - k + 1)} if len(ws) >= k else ({tuple(ws)} if ws else set())
 
-    evals = [(task, idx, grams(words(t), n)) for task, idx, t in eval_texts]
+    evals = [(task, idx, grams(words(t), n)) for task, idx, t in eval_texts if len(words(t)) >= min(n, 4)]
     lengths = {len(next(iter(g))) for _, _, g in evals if g} | {n}
     out = []
     for text in train_texts:
@@ -46,7 +46,7 @@ def contaminated(tmp_path_factory):
     rows = [json.loads(x) for x in (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()]
     evals, rest = rows[:300], rows[300:2300]
     short = [{"problem": p, "answer": "1"} for p in ("Compute 7 + 5.", "Evaluate the sum of all odd primes",
-                                                     "What is 2 plus 2?")]
+                                                     "What is 2 plus 2?", "Yes.")]
     rng = random.Random(0)
     train = [r["question"] for r in rest]
     for i in range(1000):
@@ -57,7 +57,7 @@ def contaminated(tmp_path_factory):
         if rng.random() < 0.4:
             span = [w if rng.random() > 0.1 else "zzz" for w in span]
         train.append(" ".join(["Please", "answer:"] * (i % 2) + span + ["Thanks."] * (i % 3 == 0)))
-    train += ["Can you compute 7 + 5. quickly", "what is 2 plus 2"]
+    train += ["Can you compute 7 + 5. quickly", "what is 2 plus 2", "Yes. Evaluate the sum of all odd primes!"]
     rng.shuffle(train)
     files = {"gsm8k": write_jsonl(root / "eval_gsm8k.jsonl", evals), "math500": write_jsonl(root / "short.jsonl", short),
              "train": write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "messages": [{"role": "user", "content": t}]}
@@ -88,6 +88,7 @@ def test_exact_mode_flags_only_whole_evaluation_items(contaminated):
         index.add(inst)
     got = check_texts(index, train, mode="exact")
     norm = {i: " ".join(re.findall(r"[^\W_]+", t.lower())) for i, (_, _, t) in enumerate(eval_texts)}
+    norm = {i: t for i, t in norm.items() if len(t.split()) >= 4}  # "Yes." is too short to check
     for text, m in zip(train, got):
         whole = " " + " ".join(re.findall(r"[^\W_]+", text.lower())) + " "
         contained = [k for k, e in norm.items() if f" {e} " in whole]

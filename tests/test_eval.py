@@ -176,6 +176,12 @@ def test_tts_sweep_writes_points_and_a_plot(thinker, tmp_path):
     caps = {p["value"]: p for p in result["points"] if p["setting"] == "max_thinking" and p["majority"] == 1}
     assert caps[2]["mean_thinking_tokens"] == 2.0 and caps[8]["mean_thinking_tokens"] <= 8.0
     assert (tmp_path / "tts" / "tts.png").read_bytes()[:4] == b"\x89PNG"
+    plain = sweep(str(tmp_path / "m"), "gsm8k", tmp_path / "plain", [], [], [1, 3], bf, data=str(data), max_new_tokens=5)
+    assert [(p["setting"], p["majority"]) for p in plain["points"]] == [("sampling", 1), ("sampling", 3)]
+    samples = [json.loads(x) for x in (tmp_path / "plain" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * 3 and all(1 <= s["thinking_tokens"] <= 5 and s["waits"] == 0 for s in samples)
+    assert plain["points"][1]["mean_thinking_tokens"] == pytest.approx(
+        sum(s["thinking_tokens"] for s in samples) / 4)  # 3 samples' worth per question
 
 
 def test_judge_winrate_with_an_endpoint_and_skipped_without(sft_model, tmp_path):

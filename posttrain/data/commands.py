@@ -83,7 +83,7 @@ def cmd_decontaminate(args) -> None:
 
     against = [a.strip() for item in args.against for a in item.split(",") if a.strip()]
     report = decontaminate(args.train, against, args.output, n=args.ngram, threshold=args.threshold, mode=args.mode,
-                           remove=args.remove, workers=args.workers)
+                           remove=args.remove, workers=args.workers, min_words=args.min_words)
     s = report["summary"]
     for name, src in s["sources"].items():
         print(f"{name}: {src['flagged']} / {src['records']} flagged ({src['percent']}%)")
@@ -192,6 +192,8 @@ def add_parsers(dsub) -> None:
                     help="exact: flag only prompts containing a whole normalised evaluation text")
     dc.add_argument("--remove", action="store_true", help="write clean copies under OUTPUT/clean and a manifest")
     dc.add_argument("--workers", type=int, help="processes (default: the CPU count, at most 8)")
+    dc.add_argument("--min-words", type=int, default=4,
+                    help="evaluation items with fewer words (and fewer than --ngram) are not checked, only counted")
     dc.set_defaults(func=cmd_decontaminate)
 
     pe = dsub.add_parser("persona", help="persona-driven prompts: math, code, or IFEval-style with verifiable constraints")

@@ -2,9 +2,11 @@
 
 Text is normalised into words: the runs of letters and digits (any script) of its lower-cased form.
 An evaluation instance ``e`` with the word sequence ``w`` has the set of n-grams
-``N(e) = {w[i:i+n]}`` (one gram, the whole sequence, when ``len(w) < n``). A training record
-``r`` (its user turns) has the same kind of set ``N(r)`` (including grams of the short lengths that
-evaluation instances have). Its overlap with ``e`` is
+``N(e) = {w[i:i+n]}`` (one gram, the whole sequence, when ``len(w) < n``; an item with fewer than
+``min(n, min_words)`` words, default 4, is too short to tell contamination from chance, e.g. "Yes.",
+and is not checked but counted). A training record ``r`` (its user turns) has the same kind of set
+``N(r)`` (including grams of the short lengths that evaluation instances have). Its overlap with
+``e`` is
 
     overlap(r, e) = |N(r) ∩ N(e)| / |N(e)|,
 
@@ -14,8 +16,9 @@ largest overlap (the earliest on ties). ``mode="exact"`` flags ``r`` only when t
 evaluation text occurs in its normalised text, word-aligned.
 
 The index maps each evaluation gram (a tuple of word ids; a word that no evaluation text uses gets
-id -1 and cannot be part of a match) to the instances that contain it; checking a record costs one
-set lookup per gram, then a count per matching instance.
+an id no gram holds) to the instances that contain it. Training texts are checked in batches: a hash
+of every window of words is looked up among the indexed grams' hashes with numpy, and only the
+windows that hit are checked exactly, then counted per matching instance (``NgramIndex``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from pathlib import Path
+
+import numpy as np
 
 from posttrain.data.adapters import parse_hh_text
 from posttrain.errors import UserError
@@ -99,9 +105,39 @@ class Match:
     overlap: float
 
 
+_MISSING = np.uint64(2**63 - 25)  # the id of a word no evaluation text uses
+_MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def window_keys(ids: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit polynomial hash of every window of ``n`` ids (uint64 arithmetic wraps)."""
+    if len(ids) < n:
+        return np.zeros(0, dtype=np.uint64)
+    h = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+    for j in range(n):
+        h = h * _MULT + ids[j:len(ids) - n + 1 + j]
+    return h
+
+
+_FILTER_BITS = 24
+
+
+def hash_filter(keys: np.ndarray) -> np.ndarray:
+    """A table of 2^24 flags, set at the top 24 bits of each key: a lookup answers "maybe" for every
+    key in the set and for a few others (about len(keys) / 2^24 of them), which the exact check drops."""
+    table = np.zeros(1 << _FILTER_BITS, dtype=bool)
+    table[keys >> np.uint64(64 - _FILTER_BITS)] = True
+    return table
+
+
 @dataclass
 class NgramIndex:
-    """The grams of a set of evaluation instances, for fast lookups of training texts."""
+    """The grams of a set of evaluation instances, for fast lookups of training texts.
+
+    Lookups go a batch of texts at a time: the ids of all their words in one array, a hash of every
+    window of ``n`` (and of ``min_words``, for short items) checked against the sorted hashes of the
+    indexed grams with numpy; only the windows whose hash matches are then checked exactly as tuples,
+    so a hash collision can cost time but never change a result."""
 
     n: int = 8
     vocab: dict[str, int] = field(default_factory=dict)
@@ -109,43 +145,79 @@ class NgramIndex:
     sizes: list[int] = field(default_factory=list)  # |N(e)| per instance
     instances: list[EvalInstance] = field(default_factory=list)
     normalized: list[str] = field(default_factory=list)
-    short_starts: dict[int, set[tuple]] = field(default_factory=dict)  # first word -> grams shorter than n
+    min_words: int = 4
+    short: dict[tuple, set[tuple]] = field(default_factory=dict)  # first min_words ids -> items shorter than n
+    too_short: Counter = field(default_factory=Counter)  # per task: items not checked
+    _filters: tuple[np.ndarray, np.ndarray] | None = None
 
     def add(self, inst: EvalInstance) -> None:
         ws = words(inst.text)
         ids = [self.vocab.setdefault(w, len(self.vocab)) for w in ws]
-        grams = ngrams(ids, self.n)
-        if 0 < len(ids) < self.n:
-            self.short_starts.setdefault(ids[0], set()).add(tuple(ids))
+        if len(ids) < min(self.n, self.min_words):  # "Yes." would match everything: not checked, counted
+            self.too_short[inst.task] += 1
+            grams = set()
+        else:
+            grams = ngrams(ids, self.n)
+        if grams and len(ids) < self.n:
+            self.short.setdefault(tuple(ids[:self.min_words]), set()).add(tuple(ids))
         k = len(self.instances)
         for g in grams:
             self.postings.setdefault(g, []).append(k)
         self.sizes.append(len(grams))
         self.instances.append(inst)
         self.normalized.append(" ".join(ws))
+        self._filters = None
 
-    def grams_of(self, text: str) -> set[tuple]:
-        """The grams of ``text`` that the index holds. A word that no evaluation text uses maps to
-        None, so no gram holding it is in the index."""
-        ids = list(map(self.vocab.get, words(text)))
-        postings = self.postings
-        hits = {g for g in zip(*(ids[j:] for j in range(self.n))) if g in postings}
-        if self.short_starts:  # instances shorter than n words: their one gram, wherever it starts
-            starts = self.short_starts
-            if not starts.keys().isdisjoint(ids):
-                for i, w in enumerate(ids):
-                    for seq in starts.get(w, ()):
-                        if tuple(ids[i:i + len(seq)]) == seq:
-                            hits.add(seq)
-        return hits
+    def filters(self) -> tuple[np.ndarray, np.ndarray]:
+        """Hash filters of the n-grams and of the short items' first ``min_words`` words."""
+        if self._filters is None:
+            def table(grams: list[tuple], width: int) -> np.ndarray:
+                flat = np.array(grams, dtype=np.uint64).reshape(-1)
+                return hash_filter(window_keys(flat, width)[::width] if grams else np.zeros(0, dtype=np.uint64))
+            self._filters = (table([g for g in self.postings if len(g) == self.n], self.n),
+                             table(list(self.short), self.min_words))
+        return self._filters
+
+    def grams_of_batch(self, texts: list[str]) -> list[set[tuple]]:
+        """Per text, the indexed grams it contains."""
+        full, short = self.filters()
+        get, missing = self.vocab.get, repeat(int(_MISSING))
+        ids = [list(map(get, words(t), missing)) for t in texts]
+        starts = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
+        flat = np.fromiter(chain.from_iterable(ids), dtype=np.uint64, count=int(starts[-1]))
+        out: list[set[tuple]] = [set() for _ in texts]
+        shift = np.uint64(64 - _FILTER_BITS)
+        for width, table, used in ((self.n, full, self.postings), (self.min_words, short, self.short)):
+            if not used or len(flat) < width:
+                continue
+            hits = np.nonzero(table[window_keys(flat, width) >> shift])[0]
+            owner = np.searchsorted(starts, hits, side="right") - 1
+            for pos, t in zip(hits.tolist(), owner.tolist()):
+                local = pos - int(starts[t])
+                if local + width > len(ids[t]):
+                    continue  # the window runs into the next text
+                gram = tuple(ids[t][local:local + width])
+                if width == self.n and gram in self.postings:
+                    out[t].add(gram)
+                elif width == self.min_words:
+                    for seq in self.short.get(gram, ()):
+                        if tuple(ids[t][local:local + len(seq)]) == seq:
+                            out[t].add(seq)
+        return out
+
+    def best_matches(self, texts: list[str], threshold: float = 0.5, mode: str = "ngram") -> list[Match | None]:
+        """Per text, the evaluation instance it overlaps most, when that overlap reaches ``threshold``."""
+        return [self._best(grams, text, threshold, mode) for grams, text in zip(self.grams_of_batch(texts), texts)]
 
     def best_match(self, text: str, threshold: float = 0.5, mode: str = "ngram") -> Match | None:
-        """The evaluation instance ``text`` overlaps most, when that overlap reaches ``threshold``."""
-        grams = self.grams_of(text)
+        return self.best_matches([text], threshold, mode)[0]
+
+    def _best(self, grams: set[tuple], text: str, threshold: float, mode: str) -> Match | None:
+        if not grams:
+            return None
         counts: Counter = Counter()
-        postings = self.postings
         for g in grams:
-            counts.update(postings[g])
+            counts.update(self.postings[g])
         best_k, best = -1, -1.0
         for k, c in counts.items():
             overlap = c / self.sizes[k]
@@ -212,7 +284,7 @@ _INDEX: NgramIndex | None = None  # the index a worker process checks against (i
 
 def _check(args: tuple[list[str], float, str]) -> list[Match | None]:
     texts, threshold, mode = args
-    return [_INDEX.best_match(t, threshold, mode) for t in texts]
+    return _INDEX.best_matches(texts, threshold, mode)
 
 
 def check_texts(index: NgramIndex, texts: list[str], threshold: float = 0.5, mode: str = "ngram",
@@ -220,7 +292,8 @@ def check_texts(index: NgramIndex, texts: list[str], threshold: float = 0.5, mod
     """``index.best_match`` of every text, in ``workers`` forked processes when above 1."""
     global _INDEX
     if workers <= 1 or len(texts) <= chunk:
-        return [index.best_match(t, threshold, mode) for t in texts]
+        return [m for i in range(0, len(texts), chunk) for m in index.best_matches(texts[i:i + chunk], threshold, mode)]
+    index.filters()  # built once, before the fork
     _INDEX = index
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -231,7 +304,8 @@ def check_texts(index: NgramIndex, texts: list[str], threshold: float = 0.5, mod
 
 
 def decontaminate(train: list[str], against: list[str], output: str | Path, n: int = 8, threshold: float = 0.5,
-                  mode: str = "ngram", remove: bool = False, examples: int = 3, workers: int | None = None) -> dict:
+                  mode: str = "ngram", remove: bool = False, examples: int = 3, workers: int | None = None,
+                  min_words: int = 4) -> dict:
     """Check every record of every training source; write ``output/report.json`` (and with ``remove``
     a clean copy of each source under ``output/clean/`` plus ``output/manifest.json``)."""
     from posttrain.atomic import write_json, write_text
@@ -245,7 +319,7 @@ def decontaminate(train: list[str], against: list[str], output: str | Path, n: i
         raise UserError(f"ngram must be >= 1, got {n}")
     workers = workers or min(os.cpu_count() or 1, 8)
     t0 = time.perf_counter()
-    index = NgramIndex(n)
+    index = NgramIndex(n, min_words=min_words)
     for inst in eval_instances(against):
         index.add(inst)
     build = time.perf_counter() - t0
@@ -287,6 +361,7 @@ def decontaminate(train: list[str], against: list[str], output: str | Path, n: i
     seconds = time.perf_counter() - t1
     checked = sum(s["records"] for s in sources.values())
     summary = {"ngram": n, "threshold": threshold, "mode": mode, "against": dict(Counter(e.task for e in index.instances)),
+               "not_checked_too_short": dict(index.too_short),
                "records": checked, "flagged": len(flagged), "sources": sources, "index_grams": len(index.postings),
                "index_seconds": round(build, 3), "check_seconds": round(seconds, 3)}
     if remove:

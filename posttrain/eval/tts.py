@@ -1,12 +1,16 @@
 """``posttrain tts``: test-time scaling curves, as in s1.
 
 For a task, every budget setting is run: ``max_thinking`` caps (no extension) and ``wait`` counts
-(``num_wait`` extensions, no cap). Each setting samples ``max(majority)`` budget-forced completions per
-instance (greedy when that is 1, else temperature ``temperature``); majority@k votes over the
-extracted answers of the first ``k`` samples (ties: the earliest answer wins) and is correct when the
-voted answer's sample is. Reported per (setting, k): accuracy and the mean number of thinking tokens
-spent per instance (``k`` samples' worth). Writes ``results.json``, ``samples.jsonl``, ``results.md``
-and ``tts.png`` (accuracy against mean thinking tokens, a line per k).
+(``num_wait`` extensions, no cap). With neither, the one setting is ``sampling``: plain completions
+of up to ``max_new_tokens`` tokens, no budget forcing (majority voting for a model that does not
+think). ``max_new_tokens`` bounds a ``sampling`` completion and an uncapped thinking segment. Each
+setting samples ``max(majority)`` completions per instance (greedy when that is 1, else
+temperature ``temperature``); majority@k votes over the extracted answers of the first ``k`` samples
+(ties: the earliest answer wins) and is correct when the voted answer's sample is. Reported per
+(setting, k): accuracy and the mean number of tokens spent per instance (``k`` samples' worth;
+thinking tokens under budget forcing, all generated tokens for ``sampling``). Writes
+``results.json``, ``samples.jsonl``, ``results.md`` and ``tts.png`` (accuracy against mean tokens: a
+line per k and setting kind, or for ``sampling`` one line through the k values).
 """
 
 from __future__ import annotations
@@ -38,17 +42,22 @@ def majority(samples: list[dict], k: int) -> float:
 
 def sweep(model_path: str, task_name: str, output: str | Path, max_thinking: list[int], waits: list[int],
           majorities: list[int], bf: budget_forcing.BudgetForcing, limit: int | None = None, data: str | None = None,
-          temperature: float = 0.8, batch_size: int = 16, seed: int = 0) -> dict:
+          temperature: float = 0.8, batch_size: int = 16, seed: int = 0, max_new_tokens: int = 256) -> dict:
     (task,) = resolve([task_name])
     instances = load(task, data, limit)
     engine = TransformersEngine(load_model(model_path).eval(), load_tokenizer(model_path), batch_size=batch_size)
     settings = [("max_thinking", m, replace(bf, max_thinking_tokens=m, num_wait=0)) for m in max_thinking]
     settings += [("wait", w, replace(bf, num_wait=w)) for w in waits]
     n = max(majorities)
+    sampling = SamplingParams(temperature=temperature if n > 1 else 0.0, n=n, seed=seed,
+                              max_new_tokens=max_new_tokens)
     points, rows = [], []
-    for kind, value, setting in settings:
-        outs = budget_forcing.generate(engine, [i["prompt"] for i in instances], setting,
-                                       SamplingParams(temperature=temperature if n > 1 else 0.0, n=n, seed=seed))
+    for kind, value, setting in settings or [("sampling", 0, None)]:
+        if setting is None:
+            outs = [budget_forcing.ForcedCompletion(o.text, "", o.text, len(o.token_ids), 0, False, o.prompt_index)
+                    for o in engine.generate([i["prompt"] for i in instances], sampling)]
+        else:
+            outs = budget_forcing.generate(engine, [i["prompt"] for i in instances], setting, sampling)
         per_instance: dict[int, list[dict]] = {}
         for o in outs:
             inst = instances[o.prompt_index]
@@ -71,7 +80,7 @@ def sweep(model_path: str, task_name: str, output: str | Path, max_thinking: lis
         "model": model_path, "max_thinking": max_thinking, "wait": waits, "majority": majorities, "limit": limit,
         "temperature": temperature, "seed": seed, "budget_forcing": vars(bf)}}
     write_json(out / "results.json", result)
-    lines = ["| setting | k | accuracy | mean thinking tokens |", "|---|---|---|---|"]
+    lines = ["| setting | k | accuracy | mean tokens |", "|---|---|---|---|"]
     lines += [f"| {p['setting']}={p['value']} | {p['majority']} | {p['accuracy']:.4f} | {p['mean_thinking_tokens']} |"
               for p in points]
     write_text(out / "results.md", "\n".join(lines) + "\n")
@@ -88,7 +97,11 @@ def plot(points: list[dict], path: Path, title: str) -> None:
             if mine:
                 ax.plot([p["mean_thinking_tokens"] for p in mine], [p["accuracy"] for p in mine], marker=marker,
                         label=f"{kind}, majority@{k}")
-    ax.set_xlabel("mean thinking tokens per question")
+    plain = sorted((p for p in points if p["setting"] == "sampling"), key=lambda p: p["majority"])
+    if plain:
+        ax.plot([p["mean_thinking_tokens"] for p in plain], [p["accuracy"] for p in plain], marker="o",
+                label="majority@k, k = " + ", ".join(str(p["majority"]) for p in plain))
+    ax.set_xlabel("mean tokens per question (thinking tokens under budget forcing)")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.legend(fontsize=8)

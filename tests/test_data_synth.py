@@ -144,7 +144,7 @@ def test_preferences_command_survives_faults_and_an_interrupted_run_resends_noth
     b = Scripted(lambda t, k, s: f"answer {1 + (len(t) + 2) % 5}")
     judge = Scripted(_judge)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Question number {i}" + "?" * i} for i in range(6)])
-    a_server, a_spec = start(a, faults=[429, 500, "timeout", "drop", 503])
+    a_server, a_spec = start(a, faults=[429, 500, "timeout", "drop", "garbage", 503])
     b_server, b_spec = start(b)
     j_server, j_spec = start(judge, faults=[None] * 4 + [500] * 50)  # answers 4 judgments, then fails for good
     pool = tmp_path / "pool.yaml"
@@ -170,6 +170,11 @@ def test_preferences_command_survives_faults_and_an_interrupted_run_resends_noth
         assert p["chosen_rating"] > p["rejected_rating"]
         assert p["chosen"][0]["content"] == f"answer {int(p['chosen_rating'] * 4 - 10) // 2}"
     assert len((tmp_path / "out" / "judgments.jsonl").read_text().splitlines()) == 12
+    from posttrain.config import DataSource
+    from posttrain.data.mixing import load_source
+
+    records, _ = load_source(DataSource(path=str(tmp_path / "out" / "records.jsonl")), "preference")
+    assert len(records) == 6 and records[0]["chosen"][0]["role"] == "assistant"  # ready for posttrain dpo
 
 
 # --- s1 selection -------------------------------------------------------------------------------
@@ -308,3 +313,23 @@ def test_commands_end_to_end_on_a_local_tiny_model(tiny_model_dir, tmp_path):
     assert main(["data", "self-instruct", "--seed-tasks", str(SHARED / "self_instruct" / "seed_tasks.jsonl"), "--n", "2",
                  "--batch", "2", "--output", str(tmp_path / "si")] + base) == 0
     assert json.loads((tmp_path / "si" / "report.json").read_text())["stats"]["rounds"] >= 1
+
+
+def test_bad_inputs_name_the_file_and_record(tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "personas.jsonl", [{"persona": "a nurse"}, {"name": "no persona"}])
+    assert main(["data", "persona", "--personas", str(bad), "--skill", "math", "--engine", "x", "--output",
+                 str(tmp_path / "o")]) == 2
+    assert "personas.jsonl: every record needs a non-empty 'persona' string" in capsys.readouterr().err
+    sols = write_jsonl(tmp_path / "s.jsonl", [{"messages": [{"role": "user", "content": "q"}], "verifier": "gsm8k"}])
+    assert main(["data", "selfconsistency", "--in", str(sols), "--output", str(tmp_path / "o")]) == 2
+    assert "record 0: field 'solutions' must be a non-empty list" in capsys.readouterr().err
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models:\n  - {name: a}\n")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    assert main(["data", "preferences", "--prompts", str(prompts), "--pool", str(pool), "--judge", "x",
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "pool.yaml: models[0]: fields 'name' and 'engine' are required" in capsys.readouterr().err
+    nothing = write_jsonl(tmp_path / "n.jsonl", [{"text": "no prompt here"}])
+    assert main(["data", "solve", "--prompts", str(nothing), "--engine", "x", "--output", str(tmp_path / "o")]) == 2
+    assert "n.jsonl:1: no prompt" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

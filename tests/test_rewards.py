@@ -96,3 +96,24 @@ def test_extraction_helpers_and_registry():
     assert final_answer_line("work\nFinal Answer: 42.\n") == "42"
     with pytest.raises(UserError, match="unknown verifier 'gsm9k'; known: code, gsm8k, ifeval, ifeval_loose, math, think_format"):
         get_verifier("gsm9k")
+
+
+def test_ifeval_checks_from_many_threads_in_a_fresh_interpreter():
+    """The first imports of nltk and langdetect happen inside scorer threads (evaluation scores in a
+    thread pool); they used to race ("partially initialized module 'nltk'")."""
+    import subprocess
+    import sys
+
+    program = """
+from concurrent.futures import ThreadPoolExecutor
+from posttrain.rewards.ifeval import score
+gts = [{"instruction_id_list": ["length_constraints:number_sentences"], "kwargs": [{"num_sentences": 2, "relation": "at least"}]},
+       {"instruction_id_list": ["language:response_language"], "kwargs": [{"language": "en"}]},
+       {"instruction_id_list": ["change_case:capital_word_frequency"],
+        "kwargs": [{"capital_frequency": 1, "capital_relation": "at least"}]}]
+with ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(lambda i: score("This is ONE sentence written in English. Here is another one.", gts[i % 3]), range(24)))
+assert got == [1.0] * 24, got
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -3,7 +3,8 @@ hosted APIs), behind the same ``generate(prompts, sampling)`` as the local engin
 
 - Each sample is one request (``seed = sampling.seed + sample index``), sent by up to ``concurrency``
   threads.
-- Retries: 429, 5xx, timeouts and dropped connections are retried up to ``max_retries`` times with
+- Retries: 429, 5xx, timeouts, dropped connections and malformed answers (a body that is not a chat
+  completion) are retried up to ``max_retries`` times with
   exponential backoff (``backoff * 2^attempt``, at most ``max_backoff`` s, plus up to 25% jitter; a
   ``Retry-After`` header is honoured). Other errors (400, 401, 404, ...) stop the run with a
   ``UserError`` naming the endpoint and the status.
@@ -130,6 +131,8 @@ class OpenAIEngine:
                         wait = None
             except (openai.APITimeoutError, openai.APIConnectionError) as e:
                 error = type(e).__name__
+            except (openai.APIResponseValidationError, ValueError, AttributeError, IndexError, TypeError) as e:
+                error = f"malformed response: {type(e).__name__}"  # a 200 whose body is not a completion
             if attempt == self.max_retries:
                 raise UserError(f"{self.base_url}: gave up after {self.max_retries + 1} attempts ({error})")
             with self._lock:

@@ -6,7 +6,8 @@ Requests run one at a time on the local engine (``TransformersEngine``). Support
 ``top_k``, ``seed``, ``stop``, ``n``. A malformed request gets HTTP 400 with an OpenAI-style error body.
 
 ``faults`` (tests only) is a list consumed one item per request: an HTTP status to answer with,
-``"timeout"`` (answer after ``fault_delay`` seconds) or ``"drop"`` (close the connection unanswered).
+``"timeout"`` (answer after ``fault_delay`` seconds), ``"drop"`` (close the connection unanswered) or
+``"garbage"`` (a 200 whose body is not JSON).
 """
 
 from __future__ import annotations
@@ -92,6 +93,14 @@ def make_server(engine: TransformersEngine, model_name: str, host: str = "127.0.
             if fault == "drop":
                 self.close_connection = True
                 self.connection.close()
+                return
+            if fault == "garbage":  # a 200 whose body is not a completion
+                data = b"<html>upstream hiccup</html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
                 return
             if fault == "timeout":
                 time.sleep(fault_delay)

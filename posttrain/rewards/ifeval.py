@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable
 
 _RELATIONS = ("less than", "at least")
@@ -32,15 +33,23 @@ def _compare(count: int, relation: str, n: int) -> bool:
     raise ValueError(f"unknown relation {relation!r}; expected one of {_RELATIONS}")
 
 
+_IMPORT_LOCK = threading.Lock()  # first imports of nltk / langdetect from several scorer threads race
+_SENTENCES: list = []  # the sentence splitter, made once
+
+
 def split_sentences(text: str) -> list[str]:
-    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    if not _SENTENCES:
+        with _IMPORT_LOCK:
+            if not _SENTENCES:
+                import nltk
+                from nltk.tokenize.punkt import PunktSentenceTokenizer
 
-    try:
-        import nltk
-
-        return nltk.sent_tokenize(text)
-    except LookupError:
-        return PunktSentenceTokenizer().tokenize(text)
+                try:
+                    nltk.sent_tokenize("A test. Another one.")
+                    _SENTENCES.append(nltk.sent_tokenize)
+                except LookupError:  # no Punkt data installed: the untrained tokenizer's rules
+                    _SENTENCES.append(PunktSentenceTokenizer().tokenize)
+    return _SENTENCES[0](text)
 
 
 def _words(text: str) -> list[str]:
@@ -48,14 +57,15 @@ def _words(text: str) -> list[str]:
 
 
 def _detect_language(text: str) -> str | None:
-    from langdetect import DetectorFactory, detect
-    from langdetect.lang_detect_exception import LangDetectException
+    with _IMPORT_LOCK:  # langdetect's detector factory is a lazily built global
+        from langdetect import DetectorFactory, detect
+        from langdetect.lang_detect_exception import LangDetectException
 
-    DetectorFactory.seed = 0
-    try:
-        return detect(text)
-    except LangDetectException:
-        return None
+        DetectorFactory.seed = 0
+        try:
+            return detect(text)
+        except LangDetectException:
+            return None
 
 
 # --- the 25 instruction checks: check(response, **kwargs) -> bool -------------------------------
@@ -176,7 +186,8 @@ def end_checker(r, end_phrase):
 
 
 def capital_word_frequency(r, capital_frequency, capital_relation):
-    from nltk.tokenize import NLTKWordTokenizer
+    with _IMPORT_LOCK:
+        from nltk.tokenize import NLTKWordTokenizer
 
     words = NLTKWordTokenizer().tokenize(r)
     return _compare(sum(1 for w in words if w.isupper()), capital_relation, capital_frequency)

@@ -159,7 +159,7 @@ def cmd_self_instruct(args) -> None:
     _write(args, {"records.jsonl": records}, {"stats": stats})
 
 
-def _common(p, engine: bool = True) -> None:
+def _common(p, engine: bool = True, sampling: bool = True) -> None:
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     if engine:
@@ -167,6 +167,7 @@ def _common(p, engine: bool = True) -> None:
         p.add_argument("--batch-size", type=int, default=16, help="batch size of a local model")
         p.add_argument("--retries", type=int, default=6, help="retries of a failed endpoint request (backoff doubles)")
         p.add_argument("--max-new-tokens", type=int, default=512)
+    if engine and sampling:
         p.add_argument("--temperature", type=float, default=0.7)
 
 
@@ -234,7 +235,7 @@ def add_parsers(dsub) -> None:
     se.add_argument("--domain-field", help="the field holding each record's domain")
     se.add_argument("--domain-engine", help="an engine that labels domains (when there is no --domain-field)")
     se.add_argument("--domain-list", help="comma-separated domain labels for --domain-engine")
-    _common(se)
+    _common(se, sampling=False)  # reference models and the domain labeller decode greedily
     se.set_defaults(func=cmd_select)
 
     si = dsub.add_parser("self-instruct", help="bootstrap new instructions from seed tasks")

@@ -255,6 +255,8 @@ def test_persona_prompts_carry_provenance_verifiable_constraints_and_no_near_dup
 
     def reply(text, k, sampling):
         who = text.split("Persona: ", 1)[1]
+        if "chef" in who:
+            return f"Here's a possible request:\n\nAs {who.lower()}, plan my week."
         return dup if "nurse" in who or "farmer" in who else f"Request: As {who.lower()}, explain your daily work."
 
     records, stats = persona.synthesize(personas, "ifeval", Scripted(reply), 24, "scripted", "Apache-2.0")
@@ -262,7 +264,7 @@ def test_persona_prompts_carry_provenance_verifiable_constraints_and_no_near_dup
     for r in records:
         assert r["persona"] in personas and r["template"] == "ifeval/0" and r["generator"] == "scripted"
         assert r["generator_license"] == "Apache-2.0" and r["verifier"] == "ifeval"
-        assert not r["messages"][0]["content"].startswith("Request:")
+        assert r["messages"][0]["content"].startswith(("As ", "Write a detailed"))  # lead-ins and labels removed
         ids = r["ground_truth"]["instruction_id_list"]
         assert 1 <= len(ids) <= 3 and len(set(ids)) == len(ids)
         get_verifier("ifeval")("anything", r["ground_truth"])  # the verifier accepts the ground truth

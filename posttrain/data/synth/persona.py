@@ -87,7 +87,11 @@ def constraints(rng: random.Random, k: int) -> tuple[list[str], list[dict], str]
 
 
 def _clean(text: str) -> str:
+    """The prompt without a lead-in line ("Here's a possible request:") or label ("Problem:")."""
     text = text.strip()
+    first, sep, rest = text.partition("\n")
+    if sep and rest.strip() and first.rstrip().endswith(":") and len(first.split()) <= 12:
+        text = rest.strip()
     text = re.sub(r"^(?:\*\*)?(?:problem|request|task|question)(?:\*\*)?\s*:\s*", "", text, flags=re.IGNORECASE)
     return text.strip().strip('"').strip()
 

@@ -243,6 +243,9 @@ def test_self_instruct_parses_filters_and_writes_instances(tmp_path):
     assert all(rouge.best(t) < 0.7 for t in texts[-1:])
     assert records[0]["instances"] == [{"input": "", "output": "A fine answer."}]
     assert records[0]["messages"][-1] == {"role": "assistant", "content": "A fine answer."}
+    assert self_instruct.parse_instance("Sentence: x\nOutput: y") == {"input": "Sentence: x", "output": "y"}
+    assert self_instruct.parse_instance("no format") == {"input": "", "output": "no format"}
+    assert self_instruct.parse_instance("Input: a\nOutput:  ") is None
     assert self_instruct.parse_items(" First task here.\n10) Second task here.\nrandom", 9) == \
         ["First task here.", "Second task here."]
 

@@ -68,11 +68,15 @@ class RougeFilter:
 
 
 def parse_instance(text: str) -> dict | None:
-    m = re.search(r"Input:\s*(.*?)\s*Output:\s*(.+)", text, re.DOTALL | re.IGNORECASE)
-    if not m or not m.group(2).strip():
+    """``Input: ... Output: ...``; the ``Input:`` label may be missing (what precedes ``Output:`` is the
+    input); without ``Output:`` the whole reply is the output. None when there is no output."""
+    m = re.search(r"Output:", text, re.IGNORECASE)
+    before, after = (text[:m.start()], text[m.end():]) if m else ("", text)
+    given = re.sub(r"^\s*Input:\s*", "", before, flags=re.IGNORECASE).strip()
+    output = after.strip()
+    if not output:
         return None
-    given = m.group(1).strip()
-    return {"input": "" if given.lower() in ("", "none", "<noinput>", "n/a") else given, "output": m.group(2).strip()}
+    return {"input": "" if given.lower() in ("", "none", "<noinput>", "n/a") else given, "output": output}
 
 
 def bootstrap(seed_tasks: list[dict], engine, n: int, generator: str, batch: int = 8, max_rounds: int | None = None,

@@ -246,6 +246,7 @@ def test_self_instruct_parses_filters_and_writes_instances(tmp_path):
     assert self_instruct.parse_instance("Sentence: x\nOutput: y") == {"input": "Sentence: x", "output": "y"}
     assert self_instruct.parse_instance("no format") == {"input": "", "output": "no format"}
     assert self_instruct.parse_instance("Input: a\nOutput:  ") is None
+    assert self_instruct.parse_items(" 1. 2. Restarted list here.", 9) == ["Restarted list here."]
     assert self_instruct.parse_items(" First task here.\n10) Second task here.\nrandom", 9) == \
         ["First task here.", "Second task here."]
 

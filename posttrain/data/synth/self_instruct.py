@@ -37,8 +37,9 @@ def parse_items(text: str, first: int) -> list[str]:
     out = []
     for line in lines:
         m = _ITEM.match(line)
-        if m and int(m.group(1)) >= first and m.group(2):
-            out.append(m.group(2))
+        text = re.sub(r"^(?:\d+\s*[.)]\s*)+", "", m.group(2)).strip() if m else ""  # "9. 1. Task" restarts a list
+        if m and int(m.group(1)) >= first and text:
+            out.append(text)
     return out
 
 

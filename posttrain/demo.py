@@ -48,10 +48,15 @@ def write_data(root: Path) -> None:
         write_text(data / name, "".join(line + "\n" for line in lines))
 
 
+def op_of(prompt: list[dict]) -> str:
+    """The operation of a demo question ("What is 7 * 8?")."""
+    return next(op for op in OPS if f" {ar.SYMBOLS[op]} " in prompt[-1]["content"])
+
+
 def heldout_accuracy(eval_dir: Path) -> dict:
     """Overall and per-operation held-out accuracy from an evaluation's samples."""
     samples = [json.loads(x) for x in (eval_dir / "samples.jsonl").read_text().splitlines()]
-    per_op = {op: [s["score"] for s in samples if f" {ar.SYMBOLS[op]} " in s["prompt"][-1]["content"]] for op in OPS}
+    per_op = {op: [s["score"] for s in samples if op_of(s["prompt"]) == op] for op in OPS}
     return {"heldout_accuracy": round(sum(s["score"] for s in samples) / len(samples), 4),
             **{op: round(sum(v) / len(v), 4) for op, v in per_op.items()}}
 
@@ -67,8 +72,7 @@ def majority_accuracy(tts_dir: Path, ks: list[int]) -> dict:
     out = {}
     for k in ks:
         votes = {i: majority(rows, k) for i, rows in by_instance.items()}
-        per_op = {op: [v for i, v in votes.items() if f" {ar.SYMBOLS[op]} " in by_instance[i][0]["prompt"][-1]["content"]]
-                  for op in OPS}
+        per_op = {op: [v for i, v in votes.items() if op_of(by_instance[i][0]["prompt"]) == op] for op in OPS}
         out[k] = {"heldout_accuracy": round(sum(votes.values()) / len(votes), 4),
                   **{op: round(sum(v) / len(v), 4) for op, v in per_op.items()}}
     return out

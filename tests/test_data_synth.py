@@ -4,6 +4,7 @@ function of the prompt) so every count can be checked; the same commands then ru
 against a real HTTP server with injected faults (interrupted and resumed) and on a local tiny model."""
 
 import json
+import random
 import re
 import threading
 
@@ -269,9 +270,14 @@ def test_persona_prompts_carry_provenance_verifiable_constraints_and_no_near_dup
         assert r["persona"] in personas and r["template"] == "ifeval/0" and r["generator"] == "scripted"
         assert r["generator_license"] == "Apache-2.0" and r["verifier"] == "ifeval"
         assert r["messages"][0]["content"].startswith(("As ", "Write a detailed"))  # lead-ins and labels removed
-        ids = r["ground_truth"]["instruction_id_list"]
-        assert 1 <= len(ids) <= 3 and len(set(ids)) == len(ids)
         get_verifier("ifeval")("anything", r["ground_truth"])  # the verifier accepts the ground truth
+    assert {len(r["ground_truth"]["instruction_id_list"]) for r in records} == {1, 2, 3}
+    by_id = {c[0]: c for c in persona.CONSTRAINTS}
+    for seed in range(300):  # any draw: compatible constraints, each described in the prompt text
+        ids, kwargs, text = persona.constraints(random.Random(seed), 3)
+        groups = [by_id[i][1] for i in ids]
+        assert len(set(groups)) == len(groups) and not {"case", "end"} <= set(groups)
+        assert all(by_id[i][3](kw) in text for i, kw in zip(ids, kwargs))
     gt = {"instruction_id_list": ["punctuation:no_comma", "startend:end_checker"],
           "kwargs": [{}, {"end_phrase": "Is there anything else I can help with?"}]}
     assert get_verifier("ifeval")("Fine. Is there anything else I can help with?", gt) == 1.0

@@ -135,9 +135,9 @@ class NgramIndex:
     """The grams of a set of evaluation instances, for fast lookups of training texts.
 
     Lookups go a batch of texts at a time: the ids of all their words in one array, a hash of every
-    window of ``n`` (and of ``min_words``, for short items) checked against the sorted hashes of the
-    indexed grams with numpy; only the windows whose hash matches are then checked exactly as tuples,
-    so a hash collision can cost time but never change a result."""
+    window of ``n`` (and of ``min_words``, for short items) looked up in a flag table of the indexed
+    grams' hashes (``hash_filter``) with numpy; only the windows it flags are then checked exactly as
+    tuples, so a hash collision can cost time but never change a result."""
 
     n: int = 8
     vocab: dict[str, int] = field(default_factory=dict)
@@ -219,10 +219,11 @@ class NgramIndex:
         for g in grams:
             counts.update(self.postings[g])
         best_k, best = -1, -1.0
+        padded = f" {' '.join(words(text))} " if mode == "exact" else ""
         for k, c in counts.items():
             overlap = c / self.sizes[k]
             if mode == "exact":
-                if overlap < 1.0 or f" {self.normalized[k]} " not in f" {' '.join(words(text))} ":
+                if overlap < 1.0 or f" {self.normalized[k]} " not in padded:
                     continue
             elif overlap < threshold:
                 continue
@@ -251,19 +252,15 @@ def eval_instances(against: list[str]) -> list[EvalInstance]:
 
 
 def train_sources(train: list[str]) -> list[dict]:
-    """``train`` entries are data files / hub ids, or a YAML mix (a ``datasets:`` list, or a list, of
-    sources with ``path`` and optional ``split``/``name``). Every record of a source is checked
-    (a mix's ``count``/``fraction`` pick among them later)."""
-    import yaml
+    """``train`` entries are data files / hub ids, or a YAML mix (a ``datasets:`` list of sources with
+    ``path`` and optional ``split``/``name``, the training configs' format). Every record of a source
+    is checked (a mix's ``count``/``fraction`` pick among them later)."""
+    from posttrain.config import read_yaml
 
     out = []
     for item in train:
         if item.endswith((".yaml", ".yml")):
-            try:
-                doc = yaml.safe_load(open(item))
-            except (OSError, yaml.YAMLError) as e:
-                raise UserError(f"{item}: cannot read the mix file: {e}") from e
-            entries = doc.get("datasets") if isinstance(doc, dict) else doc
+            entries = read_yaml(item).get("datasets")
             if not isinstance(entries, list):
                 raise UserError(f"{item}: expected a 'datasets:' list of sources")
             for i, e in enumerate(entries):

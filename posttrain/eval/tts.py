@@ -26,7 +26,6 @@ from posttrain.eval.tasks import resolve
 from posttrain.eval.tasks.base import load
 from posttrain.inference import budget_forcing
 from posttrain.inference.engine import SamplingParams, TransformersEngine
-from posttrain.models import load_model, load_tokenizer
 from posttrain.train.loop import log
 
 
@@ -45,7 +44,7 @@ def sweep(model_path: str, task_name: str, output: str | Path, max_thinking: lis
           temperature: float = 0.8, batch_size: int = 16, seed: int = 0, max_new_tokens: int = 256) -> dict:
     (task,) = resolve([task_name])
     instances = load(task, data, limit)
-    engine = TransformersEngine(load_model(model_path).eval(), load_tokenizer(model_path), batch_size=batch_size)
+    engine = TransformersEngine.load(model_path, batch_size)
     settings = [("max_thinking", m, replace(bf, max_thinking_tokens=m, num_wait=0)) for m in max_thinking]
     settings += [("wait", w, replace(bf, num_wait=w)) for w in waits]
     n = max(majorities)

@@ -72,6 +72,13 @@ class TransformersEngine:
         self.stop_ids = chat.stop_token_ids(tokenizer)
         self._packed: dict = {}
 
+    @classmethod
+    def load(cls, path: str, batch_size: int = 8) -> "TransformersEngine":
+        """The engine for a model directory (or anything ``posttrain.models`` loads), in eval mode."""
+        from posttrain.models import load_model, load_tokenizer
+
+        return cls(load_model(path).eval(), load_tokenizer(path), batch_size=batch_size)
+
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             return list(prompt)  # already token ids

@@ -62,8 +62,8 @@ def open_engine(spec: str, cache_dir: str | Path | None = None, batch_size: int 
 
         return OpenAIEngine.from_spec(spec, cache_dir=cache_dir, max_retries=max_retries)
     from posttrain.inference.engine import TransformersEngine
-    from posttrain.models import load_model, load_tokenizer, resolve
+    from posttrain.models import resolve
 
     path = resolve(spec)
-    engine = TransformersEngine(load_model(path).eval(), load_tokenizer(path), batch_size=batch_size)
+    engine = TransformersEngine.load(path, batch_size)
     return CachedEngine(engine, cache_dir, model_fingerprint(path), chunk) if cache_dir else engine

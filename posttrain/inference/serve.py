@@ -133,10 +133,9 @@ def make_server(engine: TransformersEngine, model_name: str, host: str = "127.0.
 
 
 def serve(model_path: str, host: str, port: int, batch_size: int = 8, name: str | None = None) -> None:
-    from posttrain.models import load_model, load_tokenizer
     from posttrain.train.loop import log
 
-    engine = TransformersEngine(load_model(model_path).eval(), load_tokenizer(model_path), batch_size=batch_size)
+    engine = TransformersEngine.load(model_path, batch_size)
     server = make_server(engine, name or model_path, host, port)
     log(f"serving {model_path} as {name or model_path!r} on http://{host}:{server.server_address[1]}/v1")
     try:

@@ -130,13 +130,10 @@ def build_pairs(prompts: list[dict], pool: dict, judge, onpolicy: tuple[str, obj
 def load_pool(path: str) -> tuple[dict[str, str], int | None]:
     """``pool.yaml``: ``models: [{name, engine}]`` (engine = a local model or openai:<model>@<url>),
     optional ``per_prompt`` (how many pool models answer each prompt; default all)."""
-    import yaml
+    from posttrain.config import read_yaml
 
-    try:
-        doc = yaml.safe_load(open(path))
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{path}: cannot read the pool file: {e}") from e
-    models = doc.get("models") if isinstance(doc, dict) else None
+    doc = read_yaml(path)
+    models = doc.get("models")
     if not isinstance(models, list) or not models:
         raise UserError(f"{path}: expected 'models:', a list of {{name, engine}}")
     pool = {}

@@ -28,7 +28,7 @@ import re
 import time
 import tracemalloc
 
-from common import SHARED
+from common import DATA
 
 from posttrain.data.adapters import parse_hh_text
 from posttrain.data.decontam import EvalInstance, NgramIndex, check_texts
@@ -45,7 +45,7 @@ def lines(path):
 def hh_turns(name: str, role: str) -> list[str]:
     """The first ``role`` turn of every hh-rlhf conversation in one file."""
     out = []
-    for r in lines(SHARED / "hh_rlhf" / name):
+    for r in lines(DATA / "hh_rlhf" / name):
         turns = parse_hh_text(r["chosen"], name, "chosen")
         out += [t["content"] for t in turns if t["role"] == role][:1]
     return out
@@ -56,13 +56,13 @@ def cycle(items: list[str], n: int) -> list[str]:
 
 
 def eval_items() -> list[EvalInstance]:
-    gsm = lines(SHARED / "gsm8k" / "train.jsonl")
+    gsm = lines(DATA / "gsm8k" / "train.jsonl")
     harmless = "harmless-base_test.jsonl.gz"
     texts = {
         "gsm8k": [r["question"] for r in gsm[:1319]],
-        "math500": cycle([r["problem"] for r in lines(SHARED / "math" / "math500_dev.jsonl")], 500),
-        "ifeval": cycle([r["prompt"] for r in lines(SHARED / "ifeval" / "ifeval_dev.jsonl")], 541),
-        "humaneval": [r["prompt"] for r in lines(SHARED / "humaneval" / "HumanEval.jsonl.gz")],
+        "math500": cycle([r["problem"] for r in lines(DATA / "math" / "math500_dev.jsonl")], 500),
+        "ifeval": cycle([r["prompt"] for r in lines(DATA / "ifeval" / "ifeval_dev.jsonl")], 541),
+        "humaneval": [r["prompt"] for r in lines(DATA / "humaneval" / "HumanEval.jsonl.gz")],
         "mc": cycle([r["answer"] for r in gsm] + hh_turns(harmless, "assistant"), 14042),
         "judge_winrate": hh_turns(harmless, "user")[:805],
     }
@@ -72,10 +72,10 @@ def eval_items() -> list[EvalInstance]:
 def train_prompts(n: int) -> list[str]:
     """Disjoint from the stand-in evaluation texts: the other GSM8K questions, hh-rlhf helpful-base user
     turns, self-instruct instructions."""
-    pool = [r["question"] for r in lines(SHARED / "gsm8k" / "train.jsonl")[1319:]]
+    pool = [r["question"] for r in lines(DATA / "gsm8k" / "train.jsonl")[1319:]]
     pool += hh_turns("helpful-base_test.jsonl.gz", "user")
-    pool += [r["instruction"] for r in lines(SHARED / "self_instruct" / "seed_tasks.jsonl")]
-    pool += [r["instruction"] for r in lines(SHARED / "self_instruct" / "user_oriented_instructions.jsonl")]
+    pool += [r["instruction"] for r in lines(DATA / "self_instruct" / "seed_tasks.jsonl")]
+    pool += [r["instruction"] for r in lines(DATA / "self_instruct" / "user_oriented_instructions.jsonl")]
     return cycle(pool, n)
 
 

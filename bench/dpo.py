@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED, quiet, rate, tiny_model
+from common import DATA, quiet, rate, tiny_model
 
 
 def hh_pairs(n: int, max_chars: int) -> list[dict]:
@@ -34,7 +34,7 @@ def hh_pairs(n: int, max_chars: int) -> list[dict]:
     from posttrain.data.records import preference_problem
 
     out = []
-    with gzip.open(SHARED / "hh_rlhf" / "helpful-base_test.jsonl.gz", "rt") as f:
+    with gzip.open(DATA / "hh_rlhf" / "helpful-base_test.jsonl.gz", "rt") as f:
         for i, line in enumerate(f):
             raw = json.loads(line)
             if max(len(raw["chosen"]), len(raw["rejected"])) > max_chars:

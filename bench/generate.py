@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHARED, quiet, tiny_model
+from common import DATA, quiet, tiny_model
 
 
 def questions(n: int) -> list[list[dict]]:
-    with open(SHARED / "gsm8k" / "train.jsonl") as f:
+    with open(DATA / "gsm8k" / "train.jsonl") as f:
         return [[{"role": "user", "content": json.loads(line)["question"]}] for line, _ in zip(f, range(n))]
 
 

@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED, quiet, rate, tiny_model
+from common import DATA, quiet, rate, tiny_model
 
-GSM8K = SHARED / "gsm8k" / "train.jsonl"
+GSM8K = DATA / "gsm8k" / "train.jsonl"
 
 
 def prompts_file(path: Path, n: int) -> Path:

@@ -3,7 +3,7 @@
     python bench/sft.py                      # tiny model and SmolLM2-135M-Instruct
     python bench/sft.py --models tiny --steps 20 --rounds 3
 
-Both train on GSM8K solutions (../shared/data/gsm8k/train.jsonl) rendered with the model's chat
+Both train on GSM8K solutions (data/gsm8k/train.jsonl) rendered with the model's chat
 template, loss on the assistant reply only, packed to --max-length tokens per row, batch
 --batch rows, fp32, on the CPU. Throughput counts non-padding input tokens per second of training
 steps, leaving out the first step of each run (warm-up). Achieved FLOP/s = 6 x parameters x
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHARED, matmul_flops, quiet, rate, tiny_model
+from common import DATA, matmul_flops, quiet, rate, tiny_model
 
-GSM8K = SHARED / "gsm8k" / "train.jsonl"
+GSM8K = DATA / "gsm8k" / "train.jsonl"
 
 
 def gsm8k_conversations(n: int) -> list[dict]:

@@ -9,6 +9,14 @@ import sys
 from posttrain.errors import UserError
 
 USAGE_OVERRIDES = "config overrides as key=value (dotted keys reach into lists and mappings: datasets.0.count=100)"
+STAGE_HELP = {  # one subcommand per entry of posttrain.stages.STAGES (a test checks they agree)
+    "sft": "supervised fine-tuning (assistant-only loss, packing, LoRA)",
+    "dpo": "preference tuning: dpo, dpo_norm, simpo, ipo (cached reference log-probs)",
+    "reward": "train a Bradley-Terry reward model (sequence classifier)",
+    "rlvr": "RL with verifiable rewards: GRPO or PPO on prompts with checkable answers",
+    "midtrain": "next-token training on text: warmup + cosine, or a linear anneal to zero",
+}
+DOCS = {"sft": "sft", "dpo": "dpo", "reward": "dpo", "rlvr": "rlvr", "midtrain": "midtrain"}
 
 
 def _quiet_libraries() -> None:
@@ -19,32 +27,12 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def cmd_sft(args) -> None:
-    from posttrain.config import SFTConfig, load_config
-    from posttrain.train.sft import run_sft
+def cmd_stage(args) -> None:
+    from posttrain.config import load_config
+    from posttrain.stages import STAGES
 
-    run_sft(load_config(SFTConfig, args.config, args.overrides))
-
-
-def cmd_dpo(args) -> None:
-    from posttrain.config import DPOConfig, load_config
-    from posttrain.train.dpo import run_dpo
-
-    run_dpo(load_config(DPOConfig, args.config, args.overrides))
-
-
-def cmd_reward(args) -> None:
-    from posttrain.config import RewardConfig, load_config
-    from posttrain.train.reward import run_reward
-
-    run_reward(load_config(RewardConfig, args.config, args.overrides))
-
-
-def cmd_rlvr(args) -> None:
-    from posttrain.config import RLVRConfig, load_config
-    from posttrain.train.rlvr import run_rlvr
-
-    run_rlvr(load_config(RLVRConfig, args.config, args.overrides))
+    config_class, run = STAGES[args.command]
+    run(load_config(config_class, args.config, args.overrides))
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -73,7 +61,7 @@ def cmd_eval(args) -> None:
     if bool(args.model) == bool(args.checkpoints):
         raise UserError("give exactly one of --model DIR and --checkpoints RUN_DIR")
     kwargs = dict(limit=args.limit, data=_data_map(args.data), batch_size=args.batch_size, seed=args.seed, samples=args.samples,
-                  judge=args.judge)
+                  judge=args.judge, max_new_tokens=args.max_new_tokens)
     if args.checkpoints:
         evaluate_checkpoints(args.checkpoints, names, args.output, **kwargs)
     else:
@@ -106,13 +94,6 @@ def cmd_run(args) -> None:
     from posttrain.pipeline import run
 
     run(args.recipe, args.overrides)
-
-
-def cmd_midtrain(args) -> None:
-    from posttrain.config import MidtrainConfig, load_config
-    from posttrain.train.midtrain import run_midtrain
-
-    run_midtrain(load_config(MidtrainConfig, args.config, args.overrides))
 
 
 def cmd_soup(args) -> None:
@@ -164,18 +145,11 @@ def parser() -> argparse.ArgumentParser:
                                 description="Post-train language models: the Tulu 3 recipe, open and reproducible.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("sft", help="supervised fine-tuning (assistant-only loss, packing, LoRA)")
-    s.add_argument("--config", required=True, help="YAML recipe")
-    s.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
-    s.set_defaults(func=cmd_sft)
-
-    for name, func, text in (("dpo", cmd_dpo, "preference tuning: dpo, dpo_norm, simpo, ipo (cached reference log-probs)"),
-                             ("reward", cmd_reward, "train a Bradley-Terry reward model (sequence classifier)"),
-                             ("rlvr", cmd_rlvr, "RL with verifiable rewards: GRPO or PPO on prompts with checkable answers")):
-        s = sub.add_parser(name, help=text)
-        s.add_argument("--config", required=True, help="YAML recipe")
+    for name, text in STAGE_HELP.items():
+        s = sub.add_parser(name, help=text, description=f"{text}. Keys and defaults: docs/{DOCS[name]}.md.")
+        s.add_argument("--config", help="YAML file of config keys (optional: key=value overrides alone work too)")
         s.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
-        s.set_defaults(func=func)
+        s.set_defaults(func=cmd_stage)
 
     e = sub.add_parser("eval", help="evaluate a model or every checkpoint of a run on tasks or suites")
     e.add_argument("--model", help="model directory (or hub id, .gguf, alias), or openai:<model>@<base_url>")
@@ -187,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--data", action="append", metavar="TASK=PATH", help="a local file (or hub id) for a task")
     e.add_argument("--samples", type=int, help="completions per instance (pass@k); default: the task's")
     e.add_argument("--judge", help="judge for judge_winrate: openai:<model>@<base_url> (key from OPENAI_API_KEY)")
+    e.add_argument("--max-new-tokens", type=int, help="longest completion of every generating task (default: each task's own)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", default="runs/eval", help="output directory (default: runs/eval)")
@@ -226,11 +201,6 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("recipe", help="YAML recipe with output_dir and stages")
     r.add_argument("overrides", nargs="*", help="STAGE.key=value overrides of one stage's config")
     r.set_defaults(func=cmd_run)
-
-    mt = sub.add_parser("midtrain", help="next-token training on text: warmup + cosine, or a linear anneal to zero")
-    mt.add_argument("--config", required=True, help="YAML recipe")
-    mt.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
-    mt.set_defaults(func=cmd_midtrain)
 
     so = sub.add_parser("soup", help="average the weights of several checkpoints")
     so.add_argument("checkpoints", nargs="+")

@@ -89,6 +89,9 @@ class TrainConfig:
     per_device_eval_batch_size: int = 8
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     overwrite_output_dir: bool = False
+    # the contamination report in manifest.json: evaluation sets as `posttrain data decontaminate --against`
+    # takes them (suite:dev, gsm8k=PATH); None: the built-in suites where present here; []: off
+    decontaminate_against: list[str] | None = None
 
     def validate(self) -> None:
         if not self.model:
@@ -127,7 +130,7 @@ class SFTConfig(TrainConfig):
 
 # Keys that change how a run is watched, not what it computes: a resumed run may change them.
 NON_SEMANTIC_KEYS = {"save_steps", "save_total_limit", "logging_steps", "report_to", "overwrite_output_dir",
-                     "per_device_eval_batch_size", "eval_steps"}
+                     "per_device_eval_batch_size", "eval_steps", "decontaminate_against"}
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -23,7 +23,7 @@ from posttrain.data.synth import arithmetic as ar
 from posttrain.eval.runner import evaluate
 from posttrain.models import build_tiny
 from posttrain.pipeline import run
-from posttrain.train.loop import log
+from posttrain.util import log
 
 RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 OPS = ("add", "mul")
@@ -84,7 +84,7 @@ def stage_tokens(entry: dict) -> int | None:
     if not manifest.is_file():
         return None
     m = json.loads(manifest.read_text())
-    if "num_input_tokens_seen" in m.get("metrics", {}):
+    if m["stage"] != "rlvr":
         return int(m["metrics"]["num_input_tokens_seen"])
     lines = (Path(entry["output_dir"]) / "metrics.jsonl").read_text().splitlines()
     per_step = m["config"]["per_device_train_batch_size"] * m["config"]["gradient_accumulation_steps"]

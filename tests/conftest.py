@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model built in code, small chat datasets, and the public data in ../shared/data."""
+"""Shared fixtures: a tiny model built in code, small chat datasets, and the public data files in data/
+(inside the repository; origin and license of each in data/SOURCES.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -118,3 +119,19 @@ def addition_sft_model(tmp_path_factory, tiny_model_dir) -> str:
         "datasets": [{"path": str(write_jsonl(root / "d.jsonl", addition_records(40)))}], "max_seq_length": 64,
         "packing": True, "per_device_train_batch_size": 4, "learning_rate": 3e-3, "max_steps": 60, "save_steps": 0}))
     return str(res.output_dir)
+
+
+@pytest.fixture()
+def float64_llama(monkeypatch):
+    """transformers' LlamaRMSNorm rounds its input to float32 whatever the model's dtype; this computes
+    the same formula, ``w · x / sqrt(mean(x²) + eps)``, in the input's dtype, so that a ``.double()``
+    Llama is float64 throughout and an exactness test can compare two computations to float64
+    rounding (about 1e-16 relative) instead of float32's (about 6e-8)."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def forward(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", forward)

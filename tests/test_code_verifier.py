@@ -7,11 +7,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import SHARED
+from conftest import DATA
 
 from posttrain.rewards import code, get_verifier, sandbox
 
-HUMANEVAL = [json.loads(x) for x in gzip.open(SHARED / "humaneval/HumanEval.jsonl.gz", "rt")]
+HUMANEVAL = [json.loads(x) for x in gzip.open(DATA / "humaneval/HumanEval.jsonl.gz", "rt")]
 
 
 def truth(task: dict) -> dict:

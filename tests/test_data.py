@@ -2,7 +2,7 @@ import gzip
 import json
 
 import pytest
-from conftest import SHARED, write_jsonl
+from conftest import DATA, write_jsonl
 
 from posttrain.config import DataSource
 from posttrain.data.adapters import gsm8k_final_answer, parse_hh_text, to_kind
@@ -13,7 +13,7 @@ from posttrain.errors import UserError
 
 
 def test_gsm8k_adapter_on_the_public_file():
-    src = DataSource(path=str(SHARED / "gsm8k/train.jsonl"), count=5, license="MIT")
+    src = DataSource(path=str(DATA / "gsm8k/train.jsonl"), count=5, license="MIT")
     recs, lineage = mix([src], "sft", seed=0)
     assert len(recs) == 5 and lineage[0]["records_available"] == 7473 and lineage[0]["license"] == "MIT"
     for r in recs:
@@ -21,7 +21,7 @@ def test_gsm8k_adapter_on_the_public_file():
         assert user["role"] == "user" and asst["role"] == "assistant"
         assert "<<" not in asst["content"] and asst["content"].splitlines()[-1].startswith("#### ")
         assert r["license"] == "MIT" and r["source"].endswith("train.jsonl")
-    first = next(read_records(str(SHARED / "gsm8k/train.jsonl")))[0]
+    first = next(read_records(str(DATA / "gsm8k/train.jsonl")))[0]
     rec = to_kind(first, "verifiable", "auto", "x")
     assert rec["ground_truth"] == "72" and rec["verifier"] == "gsm8k"
     assert to_kind(first, "sft", "gsm8k", "x")["messages"][1]["content"] == (
@@ -30,7 +30,7 @@ def test_gsm8k_adapter_on_the_public_file():
 
 
 def test_hh_rlhf_gz_to_preference_and_sft():
-    path = str(SHARED / "hh_rlhf/helpful-base_test.jsonl.gz")
+    path = str(DATA / "hh_rlhf/helpful-base_test.jsonl.gz")
     pairs, _ = mix([DataSource(path=path)], "preference", seed=1)
     problems = [preference_problem(p) for p in pairs]
     # the real file has a few pairs no trainer can use; they are found, not crashed on

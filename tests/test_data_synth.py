@@ -9,7 +9,7 @@ import re
 import threading
 
 import pytest
-from conftest import SHARED, write_jsonl
+from conftest import DATA, write_jsonl
 
 from posttrain.cli import main
 from posttrain.data.synth import persona, preferences, select, self_instruct, selfconsistency
@@ -220,7 +220,7 @@ def test_selection_drops_easy_questions_and_spreads_over_domains_preferring_long
 # --- self-instruct ------------------------------------------------------------------------------
 
 def test_self_instruct_parses_filters_and_writes_instances(tmp_path):
-    seeds = [json.loads(x) for x in (SHARED / "self_instruct" / "seed_tasks.jsonl").read_text().splitlines()]
+    seeds = [json.loads(x) for x in (DATA / "self_instruct" / "seed_tasks.jsonl").read_text().splitlines()]
     fresh = ["Explain why volcanoes erupt to a curious ten year old", "List three common mistakes in filing small business taxes",
              "Suggest a weekly schedule for baking sourdough bread at home", "Compare two chess openings for beginners",
              "Summarize how jazz spread from New Orleans to Chicago", "Give advice for sleeping well before an exam",
@@ -322,7 +322,7 @@ def test_commands_end_to_end_on_a_local_tiny_model(tiny_model_dir, tmp_path):
     assert main(["data", "persona", "--skill", "math", "--n", "5", "--output", str(tmp_path / "pe")] + base) == 0
     report = json.loads((tmp_path / "pe" / "report.json").read_text())
     assert report["stats"]["requested"] == 5 and report["command"] == "posttrain data persona"
-    assert main(["data", "self-instruct", "--seed-tasks", str(SHARED / "self_instruct" / "seed_tasks.jsonl"), "--n", "2",
+    assert main(["data", "self-instruct", "--seed-tasks", str(DATA / "self_instruct" / "seed_tasks.jsonl"), "--n", "2",
                  "--batch", "2", "--output", str(tmp_path / "si")] + base) == 0
     assert json.loads((tmp_path / "si" / "report.json").read_text())["stats"]["rounds"] >= 1
 

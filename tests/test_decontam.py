@@ -7,7 +7,7 @@ import random
 import re
 
 import pytest
-from conftest import SHARED, write_jsonl
+from conftest import DATA, write_jsonl
 
 from posttrain.cli import main
 from posttrain.data.decontam import NgramIndex, check_texts, decontaminate, eval_instances, prompt_text
@@ -43,7 +43,7 @@ def contaminated(tmp_path_factory):
     prompts: 2,000 other questions and 1,000 that copy a random span of an evaluation question, some
     with words changed and text around them."""
     root = tmp_path_factory.mktemp("decontam")
-    rows = [json.loads(x) for x in (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (DATA / "gsm8k" / "train.jsonl").read_text().splitlines()]
     evals, rest = rows[:300], rows[300:2300]
     short = [{"problem": p, "answer": "1"} for p in ("Compute 7 + 5.", "Evaluate the sum of all odd primes",
                                                      "What is 2 plus 2?", "Yes.")]
@@ -101,7 +101,7 @@ def test_exact_mode_flags_only_whole_evaluation_items(contaminated):
 def test_command_report_clean_copy_and_manifest(contaminated, tmp_path):
     files, train, _ = contaminated
     out = tmp_path / "out"
-    code = main(["data", "decontaminate", "--train", str(files["train"]), str(SHARED / "self_instruct" / "seed_tasks.jsonl"),
+    code = main(["data", "decontaminate", "--train", str(files["train"]), str(DATA / "self_instruct" / "seed_tasks.jsonl"),
                  "--against", f"gsm8k={files['gsm8k']},math500={files['math500']}", "--output", str(out), "--remove"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -127,5 +127,5 @@ def test_prompt_text_reads_every_format_and_names_a_bad_record(tmp_path):
     assert prompt_text({"prompt": "p", "chosen": "c", "rejected": "r"}, "x") == "p"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "ok"}]}, {"text": "no prompt"}])
     with pytest.raises(UserError, match=r"bad.jsonl:2: no user text found.*fields present: text"):
-        decontaminate([str(bad)], [f"math500={SHARED / 'math' / 'math500_dev.jsonl'}"], tmp_path / "o")
+        decontaminate([str(bad)], [f"math500={DATA / 'math' / 'math500_dev.jsonl'}"], tmp_path / "o")
     assert not (tmp_path / "o" / "report.json").exists()

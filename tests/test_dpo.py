@@ -11,10 +11,10 @@ from transformers import AutoModelForSequenceClassification
 from posttrain.config import DPOConfig, RewardConfig, load_config
 from posttrain.data import chat, packing
 from posttrain.data.adapters import to_kind
+from posttrain.inference.logprobs import TokenLogProbs, collate
 from posttrain.models import load_model, load_tokenizer
 from posttrain.train import reference
 from posttrain.train.dpo import dpo_objective, preference_accuracy, run_dpo, tokenize_pairs
-from posttrain.train.logprobs import TokenLogProbs, collate
 from posttrain.train.reward import RewardModel, pair_accuracy, run_reward
 
 
@@ -86,9 +86,28 @@ def test_chosen_and_rejected_share_one_forward(parity_task):
     ref = torch.zeros(len(rows), 2, dtype=torch.float64)
     cfg = load_config(DPOConfig, base={"model": "m", "output_dir": "o", "datasets": [{"path": "p"}]})
     batch = collate(rows[:4], tok.pad_token_id)
-    loss, metrics = dpo_objective(cfg, ref).loss(Counting(model), batch, 4)
-    assert len(calls) == 1 and batch["num_samples"] == 8 and batch["num_pairs"] == 4
-    assert loss.requires_grad and 0 <= metrics["rewards/accuracies"] <= 1
+    objective = dpo_objective(cfg, ref)
+    loss, metrics = objective.loss(Counting(model), batch, batch[objective.items_key])
+    assert len(calls) == 1 and batch["num_samples"] == 8 and batch["num_pairs"] == 4 and loss.requires_grad
+    # the same numbers from each sequence on its own (8 forwards, no packing), by hand: with a zero
+    # reference, reward = beta * logp; accuracy = share of pairs with logp(chosen) > logp(rejected)
+    with torch.no_grad():
+        alone = []
+        for r in rows[:4]:
+            for a, b in split_bounds(r):  # chosen, then rejected
+                seq = {"input_ids": r["input_ids"][a:b], "labels_mask": r["labels_mask"][a:b]}
+                one = collate(packing.unpacked([seq]), tok.pad_token_id)
+                alone.append(float(TokenLogProbs(model)(one["input_ids"], one["position_ids"], one["labels"]).sum()))
+    chosen, rejected = alone[0::2], alone[1::2]
+    assert metrics["rewards/accuracies"] == sum(c > r for c, r in zip(chosen, rejected)) / 4
+    assert metrics["logps/chosen"] == pytest.approx(sum(chosen) / 4, abs=1e-4)
+    assert metrics["rewards/margins"] == pytest.approx(cfg.beta * (sum(chosen) - sum(rejected)) / 4, abs=1e-5)
+
+
+def split_bounds(row: dict) -> list[tuple[int, int]]:
+    """Where the chosen and the rejected sequence of a pair row start and end (positions restart at 0)."""
+    starts = [j for j, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+    return list(zip(starts, starts[1:]))
 
 
 def test_bad_pairs_are_counted_and_dropped(tmp_path, parity_task):

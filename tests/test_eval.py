@@ -12,7 +12,7 @@ from conftest import addition_records, write_jsonl
 from posttrain.config import SFTConfig, load_config
 from posttrain.errors import UserError
 from posttrain.eval.runner import evaluate, evaluate_checkpoints
-from posttrain.eval.tasks import SUITES, TASKS, resolve
+from posttrain.eval.tasks import SUITES, TASKS, resolve_tasks
 from posttrain.eval.tasks.base import load
 from posttrain.eval.tasks.humaneval import pass_at_k
 from posttrain.inference import budget_forcing
@@ -20,22 +20,22 @@ from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.models import build_tiny, load_model, load_tokenizer
 from posttrain.train.sft import run_sft
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-GSM8K = os.path.join(SHARED, "gsm8k", "train.jsonl")
+DATA = os.path.join(os.path.dirname(__file__), "..", "data")
+GSM8K = os.path.join(DATA, "gsm8k", "train.jsonl")
 
 
 def test_suites_name_known_tasks_and_bad_names_are_refused():
     assert all(t in TASKS for suite in SUITES.values() for t in suite)
-    assert [t.name for t in resolve(["suite:dev"])] == SUITES["dev"]
+    assert [t.name for t in resolve_tasks(["suite:dev"])] == SUITES["dev"]
     with pytest.raises(UserError, match="unknown task 'gsm9k'"):
-        resolve(["gsm9k"])
+        resolve_tasks(["gsm9k"])
 
 
 def test_task_scorers_on_known_outputs():
     (inst,) = load(TASKS["gsm8k"], GSM8K, 1)
     assert TASKS["gsm8k"].score(f"so the answer is\n#### {inst['ground_truth']}", inst)["score"] == 1.0
     assert TASKS["gsm8k"].score("#### 0.5", inst)["score"] == 0.0
-    (m,) = load(TASKS["math500"], os.path.join(SHARED, "math", "math500_dev.jsonl"), 1)
+    (m,) = load(TASKS["math500"], os.path.join(DATA, "math", "math500_dev.jsonl"), 1)
     assert TASKS["math500"].score(f"\\boxed{{{m['ground_truth']}}}", m)["score"] == 1.0
     few = load(TASKS["gsm8k_fewshot"], GSM8K, 1)[0]["prompt"]
     assert len(few) == 9 and few[1]["role"] == "assistant" and few[-1]["content"].startswith(inst["prompt"][0]["content"][:40])
@@ -53,8 +53,8 @@ def test_humaneval_pass_at_k_is_the_unbiased_estimator():
     for n, c, k in [(5, 2, 1), (10, 3, 5), (20, 0, 10), (20, 20, 1), (7, 6, 3)]:
         assert pass_at_k(n, c, k) == pytest.approx(reference(n, c, k))
     task = TASKS["humaneval"]
-    raw = [json.loads(x) for x in gzip.open(os.path.join(SHARED, "humaneval", "HumanEval.jsonl.gz"), "rt")][:3]
-    insts = load(task, os.path.join(SHARED, "humaneval", "HumanEval.jsonl.gz"), 3)
+    raw = [json.loads(x) for x in gzip.open(os.path.join(DATA, "humaneval", "HumanEval.jsonl.gz"), "rt")][:3]
+    insts = load(task, os.path.join(DATA, "humaneval", "HumanEval.jsonl.gz"), 3)
     samples = [{"index": i["index"], **task.score(r["canonical_solution"] if j < 2 else "    return None\n", i)}
                for i, r in zip(insts, raw) for j in range(3)]
     assert task.metrics(samples) == {"pass@1": pytest.approx(2 / 3)}
@@ -71,7 +71,7 @@ def sft_model(tmp_path_factory, tiny_model_dir):
 
 
 def test_eval_writes_results_samples_and_a_table(sft_model, tmp_path):
-    ifeval = os.path.join(SHARED, "ifeval", "ifeval_dev.jsonl")
+    ifeval = os.path.join(DATA, "ifeval", "ifeval_dev.jsonl")
     results = evaluate(str(sft_model), ["gsm8k", "ifeval"], tmp_path / "out", limit=6,
                        data={"gsm8k": GSM8K, "ifeval": ifeval}, batch_size=8)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import SHARED
+from conftest import DATA
 
 from posttrain.rewards import get_verifier, ifeval
 
@@ -123,7 +123,7 @@ def test_partial_credit_loose_mode_and_json_ground_truth():
 
 
 def test_every_dev_record_is_checkable():
-    rows = [json.loads(x) for x in open(SHARED / "ifeval/ifeval_dev.jsonl")]
+    rows = [json.loads(x) for x in open(DATA / "ifeval/ifeval_dev.jsonl")]
     for r in rows:
         result = ifeval.followed("A response.\nP.S. thanks", {"instruction_id_list": r["instruction_id_list"],
                                                                "kwargs": r["kwargs"]})

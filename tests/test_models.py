@@ -1,5 +1,4 @@
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -31,10 +30,7 @@ def test_smollm2_alias_is_cached_as_plain_safetensors(smollm2_dir):
     assert (d / "model.safetensors").is_file() and not list(d.glob("*.gguf"))
     assert "quantization_config" not in json.loads((d / "config.json").read_text())
     assert resolve("smollm2-135m-instruct") == smollm2_dir
-    t = time.perf_counter()
     model = load_model("smollm2-135m-instruct")
-    seconds = time.perf_counter() - t
-    assert seconds < 2.0, f"cached load took {seconds:.2f} s"
     assert model.dtype == torch.float32 and not getattr(model, "hf_quantizer", None)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     tok = load_tokenizer("smollm2-135m-instruct")

@@ -25,7 +25,14 @@ def test_best_fit_decreasing_keeps_every_sample_once_and_fills_rows():
     assert len(rows) <= lower_bound * 1.05  # best-fit decreasing is within a few % of perfect here
 
 
-def test_pack_is_deterministic():
-    samples = [{"input_ids": list(range(n)), "labels_mask": [True] * n} for n in (5, 3, 5, 2, 7, 1)]
-    assert pack(samples, 8) == pack(samples, 8)
-    assert [r["num_samples"] for r in pack(samples, 8)] == [2, 2, 2]
+def test_best_fit_decreasing_by_hand():
+    """Lengths 5, 3, 5, 2, 7, 1 into rows of 8, longest first (ties in input order), each into the
+    fullest row it fits: 7 -> new A; 5 (the first) -> new B; 5 -> new C; 3 -> B (3 free in B and C:
+    the first) = 8; 2 -> C = 7; 1 -> A (1 free in A and C: the first) = 8."""
+    lengths = (5, 3, 5, 2, 7, 1)
+    samples = [{"input_ids": [i] * n, "labels_mask": [True] * n} for i, n in enumerate(lengths)]
+    rows = pack(samples, 8)
+    contents = [[r["input_ids"][j] for j, p in enumerate(r["position_ids"]) if p == 0] for r in rows]
+    assert contents == [[4, 5], [0, 1], [2, 3]]
+    assert [r["num_samples"] for r in rows] == [2, 2, 2]
+    assert [len(r["input_ids"]) for r in rows] == [8, 8, 7]

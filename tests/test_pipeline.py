@@ -15,7 +15,7 @@ from posttrain.errors import UserError
 from posttrain.pipeline import load_recipe, run
 from posttrain.train import checkpoint
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 
 
 def recipe(tmp_path, tiny_model_dir, max_steps=30):

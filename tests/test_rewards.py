@@ -4,7 +4,7 @@ import json
 import threading
 
 import pytest
-from conftest import SHARED
+from conftest import DATA
 
 from posttrain.errors import UserError
 from posttrain.rewards import get_verifier
@@ -34,7 +34,7 @@ def test_gsm8k(response, gold, want):
 
 
 def test_gsm8k_reference_solutions_score_one():
-    with open(SHARED / "gsm8k/train.jsonl") as f:
+    with open(DATA / "gsm8k/train.jsonl") as f:
         rows = [json.loads(line) for _, line in zip(range(500), f)]
     from posttrain.data.adapters import gsm8k_final_answer
 
@@ -66,7 +66,7 @@ def test_math(response, gold, want):
 
 
 def test_math_reference_solutions_and_worker_threads():
-    rows = [json.loads(x) for x in open(SHARED / "math/math500_dev.jsonl")]
+    rows = [json.loads(x) for x in open(DATA / "math/math500_dev.jsonl")]
     verify = get_verifier("math")
     scores = [verify(r["solution"], r["answer"]) for r in rows]
     assert sum(scores) / len(scores) >= 0.95, [r["answer"] for r, s in zip(rows, scores) if s == 0][:10]

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from posttrain.config import SFTConfig, load_config
 from posttrain.data import chat, packing
 from posttrain.errors import UserError
+from posttrain.inference.logprobs import TokenLogProbs, collate
 from posttrain.models import load_model, load_tokenizer
-from posttrain.train.logprobs import TokenLogProbs, collate
 from posttrain.train.sft import run_sft, sft_objective, tokenize_records
 
 
@@ -77,17 +77,27 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir):
 
 
 def test_mean_and_sum_reductions(tiny_model_dir):
+    """Through the objective's own ``items_key`` (the count the loop sums): mean = every token's NLL
+    over the trained tokens; sum = each conversation's summed NLL averaged over conversations; each
+    conversation's log-probs from transformers' own forward of it alone."""
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
-    rows = packing.unpacked(samples_for(tok, multi_turn_records(4)))
-    b = collate(rows, tok.pad_token_id)
+    samples = samples_for(tok, multi_turn_records(4))
+    b = collate(packing.unpacked(samples), tok.pad_token_id)
     policy = TokenLogProbs(model)
-    per_token = policy(b["input_ids"], b["position_ids"], b["labels"])
-    mean_loss, _ = sft_objective("mean").loss(policy, b, b["num_tokens"])
-    sum_loss, _ = sft_objective("sum").loss(policy, b, b["num_samples"])
-    # by hand: mean = all token NLLs / tokens; sum = per-sample token-NLL sums averaged over samples
-    assert float(mean_loss) == pytest.approx(float(-per_token.sum() / (b["labels"] != -100).sum()), rel=1e-6)
-    per_sample = [-float(per_token[i].sum()) for i in range(len(rows))]
-    assert float(sum_loss) == pytest.approx(sum(per_sample) / len(rows), rel=1e-6)
+    mean, total = sft_objective("mean"), sft_objective("sum")
+    mean_loss, _ = mean.loss(policy, b, b[mean.items_key])
+    sum_loss, _ = total.loss(policy, b, b[total.items_key])
+    nll, tokens = [], 0
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            trained = torch.tensor(s["labels_mask"][1:])
+            lp = torch.log_softmax(logits.double(), -1).gather(1, ids[0, 1:, None])[:, 0]
+            nll.append(-float(lp[trained].sum()))
+            tokens += int(trained.sum())
+    assert float(mean_loss) == pytest.approx(sum(nll) / tokens, rel=1e-5)
+    assert float(sum_loss) == pytest.approx(sum(nll) / len(samples), rel=1e-5)
 
 
 def test_gradient_accumulation_equivalence(tmp_path, tiny_model_dir):

@@ -21,7 +21,9 @@ def _engine(spec: str, args, cache_name: str = "engine"):
     from posttrain.inference.open import open_engine
 
     cache = Path(args.cache) if args.cache else Path(args.output) / ".cache"
-    return open_engine(spec, cache / cache_name, batch_size=args.batch_size, max_retries=args.retries)
+    engine = open_engine(spec, cache / cache_name, batch_size=args.batch_size, max_retries=args.retries)
+    engine.progress = f"data {args.data_command} ({cache_name})"
+    return engine
 
 
 def _license_of(spec: str) -> str:

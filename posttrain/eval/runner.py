@@ -15,23 +15,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from posttrain.atomic import write_json, write_text
 from posttrain.data import chat
 from posttrain.errors import UserError
 from posttrain.eval import plots
-from posttrain.eval.tasks import resolve
+from posttrain.eval.tasks import resolve_tasks
 from posttrain.eval.tasks.base import Task, load
 from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.models import load_model, load_tokenizer
-from posttrain.train.loop import log
+from posttrain.util import checkpoints, log
 
 
-def generate_samples(task: Task, engine, instances: list[dict], seed: int, samples: int | None = None) -> list[dict]:
+def generate_samples(task: Task, engine, instances: list[dict], seed: int, samples: int | None = None,
+                     max_new_tokens: int | None = None) -> list[dict]:
     n = samples or task.samples
     temperature = task.temperature if n == 1 else max(task.temperature, 0.8)
     outs = engine.generate([i["prompt"] for i in instances],
-                           SamplingParams(max_new_tokens=task.max_new_tokens, temperature=temperature, n=n, seed=seed))
+                           SamplingParams(max_new_tokens=max_new_tokens or task.max_new_tokens, temperature=temperature,
+                                          n=n, seed=seed))
     with ThreadPoolExecutor(max_workers=4) as pool:  # the code verifier waits on sandboxes
         scored = list(pool.map(lambda o: task.score(o.text, instances[o.prompt_index]), outs))
     out = []
@@ -47,7 +50,7 @@ def generate_samples(task: Task, engine, instances: list[dict], seed: int, sampl
 def loglikelihood_samples(task: Task, model, tokenizer, instances: list[dict], batch_size: int = 16) -> list[dict]:
     """Sum of log-probabilities of each option's tokens after the prompt (``" " + option``)."""
     from posttrain.data import packing
-    from posttrain.train.logprobs import TokenLogProbs, collate, per_sample
+    from posttrain.inference.logprobs import TokenLogProbs, collate, per_sample
 
     scorer = TokenLogProbs(model)
     rows, owners = [], []
@@ -59,7 +62,7 @@ def loglikelihood_samples(task: Task, model, tokenizer, instances: list[dict], b
             owners.append((inst["index"], j))
     rows = packing.unpacked(rows)
     logps = []
-    for i in range(0, len(rows), batch_size):
+    for i in tqdm(range(0, len(rows), batch_size), desc=f"eval {task.name}", unit="batch", dynamic_ncols=True, leave=False):
         b = collate(rows[i:i + batch_size], tokenizer.pad_token_id)
         logp = scorer(b["input_ids"].to(model.device), b["position_ids"].to(model.device), b["labels"].to(model.device))
         logps += per_sample(logp, b["sample_ids"].to(model.device), b["num_samples"]).tolist()
@@ -76,11 +79,14 @@ def loglikelihood_samples(task: Task, model, tokenizer, instances: list[dict], b
     return out
 
 
-def judged_samples(task: Task, engine, judge, instances: list[dict], seed: int) -> list[dict]:
+def judged_samples(task: Task, engine, judge, instances: list[dict], seed: int,
+                   max_new_tokens: int | None = None) -> list[dict]:
     """Generate the model's answers, then have ``judge`` (an engine) compare each with its reference."""
     from posttrain.eval.tasks import judge_winrate
 
-    outs = engine.generate([i["prompt"] for i in instances], SamplingParams(max_new_tokens=task.max_new_tokens, seed=seed))
+    outs = engine.generate([i["prompt"] for i in instances],
+                           SamplingParams(max_new_tokens=max_new_tokens or task.max_new_tokens, seed=seed))
+    judge.progress = f"judge {task.name}"
     samples = [{"task": task.name, "id": instances[o.prompt_index].get("id"), "index": instances[o.prompt_index]["index"],
                 "prompt": instances[o.prompt_index]["prompt"], "instruction": instances[o.prompt_index]["instruction"],
                 "output": o.text, "ground_truth": instances[o.prompt_index]["ground_truth"]} for o in outs]
@@ -100,9 +106,10 @@ def summarize(task: Task, samples: list[dict]) -> dict:
 
 def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: int | None = None,
              data: dict[str, str] | None = None, batch_size: int = 16, seed: int = 0, samples: int | None = None,
-             judge: str | None = None) -> dict:
-    """``judge``: ``openai:<model>@<base_url>`` for judge-based tasks (else they are skipped)."""
-    tasks = resolve(task_names)
+             judge: str | None = None, max_new_tokens: int | None = None) -> dict:
+    """``judge``: ``openai:<model>@<base_url>`` for judge-based tasks (else they are skipped);
+    ``max_new_tokens`` caps every generating task (default: each task's own)."""
+    tasks = resolve_tasks(task_names)
     data = data or {}
     for name in data:
         if name not in {t.name for t in tasks}:
@@ -135,18 +142,20 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
     all_samples: list[dict] = []
     for t in tasks:
         started = time.time()
+        if engine is not None:
+            engine.progress = f"eval {t.name}"
         if t.kind == "loglikelihood":
             got = loglikelihood_samples(t, model, tokenizer, instances[t.name], batch_size)
         elif t.kind == "judge":
-            got = judged_samples(t, engine, judge_engine, instances[t.name], seed)
+            got = judged_samples(t, engine, judge_engine, instances[t.name], seed, max_new_tokens)
         else:
-            got = generate_samples(t, engine, instances[t.name], seed, samples)
+            got = generate_samples(t, engine, instances[t.name], seed, samples, max_new_tokens)
         results[t.name] = {**summarize(t, got), "seconds": round(time.time() - started, 2)}
         all_samples += got
         log(f"eval {t.name}: " + ", ".join(f"{k} {v}" for k, v in results[t.name].items()))
     results.update({name: {"skipped": why} for name, why in skipped.items()})
     config = {"model": str(model_path), "tasks": [t.name for t in tasks] + list(skipped), "limit": limit, "data": data,
-              "seed": seed, "samples": samples, "judge": judge}
+              "seed": seed, "samples": samples, "judge": judge, "max_new_tokens": max_new_tokens}
     write_text(out / "samples.jsonl", "".join(json.dumps(s, default=str) + "\n" for s in all_samples))
     write_json(out / "results.json", {"results": results, "config": config})
     write_text(out / "results.md", table(results))
@@ -166,9 +175,7 @@ def table(results: dict) -> str:
 
 
 def checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
-    from posttrain.train import checkpoint as ckpt
-
-    found = [(int(p.name.split("-")[1]), p) for p in ckpt.checkpoints(run)]
+    found = [(int(p.name.split("-")[1]), p) for p in checkpoints(run)]
     manifest = run / "manifest.json"
     if manifest.is_file() and (run / "config.json").is_file():
         found.append((int(json.loads(manifest.read_text()).get("steps", found[-1][0] + 1 if found else 0)), run))

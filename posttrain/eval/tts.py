@@ -22,11 +22,11 @@ from pathlib import Path
 
 from posttrain.atomic import write_json, write_text
 from posttrain.eval import plots
-from posttrain.eval.tasks import resolve
+from posttrain.eval.tasks import resolve_tasks
 from posttrain.eval.tasks.base import load
 from posttrain.inference import budget_forcing
 from posttrain.inference.engine import SamplingParams, TransformersEngine
-from posttrain.train.loop import log
+from posttrain.util import log
 
 
 def majority(samples: list[dict], k: int) -> float:
@@ -42,7 +42,7 @@ def majority(samples: list[dict], k: int) -> float:
 def sweep(model_path: str, task_name: str, output: str | Path, max_thinking: list[int], waits: list[int],
           majorities: list[int], bf: budget_forcing.BudgetForcing, limit: int | None = None, data: str | None = None,
           temperature: float = 0.8, batch_size: int = 16, seed: int = 0, max_new_tokens: int = 256) -> dict:
-    (task,) = resolve([task_name])
+    (task,) = resolve_tasks([task_name])
     instances = load(task, data, limit)
     engine = TransformersEngine.load(model_path, batch_size)
     settings = [("max_thinking", m, replace(bf, max_thinking_tokens=m, num_wait=0)) for m in max_thinking]
@@ -52,6 +52,7 @@ def sweep(model_path: str, task_name: str, output: str | Path, max_thinking: lis
                               max_new_tokens=max_new_tokens)
     points, rows = [], []
     for kind, value, setting in settings or [("sampling", 0, None)]:
+        engine.progress = f"tts {kind} {value}" if setting is not None else "tts sampling"
         if setting is None:
             outs = [budget_forcing.ForcedCompletion(o.text, "", o.text, len(o.token_ids), 0, False, o.prompt_index)
                     for o in engine.generate([i["prompt"] for i in instances], sampling)]

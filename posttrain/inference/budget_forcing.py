@@ -71,7 +71,7 @@ def generate(engine, prompts: list, bf: BudgetForcing, sampling: SamplingParams 
     tok = engine.tokenizer
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     start, wait_ids = encode(bf.think_start) if bf.think_start else [], encode(bf.wait)
-    states = [{"prompt": engine._encode(p), "index": i, "thinking": [], "waits": 0, "model_tokens": 0, "forced": False}
+    states = [{"prompt": engine.encode(p), "index": i, "thinking": [], "waits": 0, "model_tokens": 0, "forced": False}
               for i, p in enumerate(prompts) for _ in range(sampling.n)]
     active = list(states)
     round_ = 0

@@ -17,6 +17,11 @@ set of tokens whose probability reaches ``top_p``), then a draw from a ``torch.G
 ``Completion.logprobs[k]`` is the log-probability of ``token_ids[k]`` under the model's
 distribution at the sampling temperature (``log_softmax(logits / T)``, ``T = 1`` for greedy),
 before top-k/top-p truncation: the quantity RL needs as the "old" policy's log-probs.
+
+The public interface every engine offers (what budget forcing, evaluation and rollouts use):
+``generate(prompts, sampling)``, ``encode(prompt) -> token ids``, ``tokenizer``, ``stop_ids``, and
+``progress``: a label, or None; with a label every ``generate`` call shows a progress bar with an ETA
+on stderr (evaluation, test-time scaling and the data commands set one; RL rollouts do not).
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ class Completion:
     logprobs: list[float] = field(default_factory=list, repr=False)
 
 
+def progress_bar(label: str | None, total: int):
+    """A tqdm bar (count, rate, ETA) on stderr labelled ``label``; a silent one when ``label`` is None."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="completion", disable=label is None, dynamic_ncols=True, leave=False)
+
+
 def truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Logits with the tokens outside top-k and outside the top-p nucleus set to ``-inf``."""
     if top_k and top_k < scaled.shape[-1]:
@@ -69,6 +81,7 @@ FINISHED = -1  # the token slot of a row that has already stopped
 class TransformersEngine:
     def __init__(self, model, tokenizer, batch_size: int = 8):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.progress: str | None = None
         self.stop_ids = chat.stop_token_ids(tokenizer)
         self._packed: dict = {}
 
@@ -79,7 +92,7 @@ class TransformersEngine:
 
         return cls(load_model(path).eval(), load_tokenizer(path), batch_size=batch_size)
 
-    def _encode(self, prompt) -> list[int]:
+    def encode(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             return list(prompt)  # already token ids
         if isinstance(prompt, str):
@@ -89,7 +102,7 @@ class TransformersEngine:
     @torch.no_grad()
     def generate(self, prompts: list, sampling: SamplingParams | None = None) -> list[Completion]:
         sampling = sampling or SamplingParams()
-        encoded = [(i, self._encode(p)) for i, p in enumerate(prompts) for _ in range(sampling.n)]
+        encoded = [(i, self.encode(p)) for i, p in enumerate(prompts) for _ in range(sampling.n)]
         order = sorted(range(len(encoded)), key=lambda j: (len(encoded[j][1]), j))
         was_training = self.model.training
         self.model.eval()
@@ -98,13 +111,16 @@ class TransformersEngine:
         # weights packed for the decode steps once per call: they may have been trained since the last one
         # (an in-place fused optimizer step does not even bump the parameters' version counters)
         self._packed = static_decoder.pack_linears(self.model, min(self.batch_size, len(encoded)))
+        bar = progress_bar(self.progress, len(encoded))
         try:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
                 new, logprobs = self._batch([encoded[j][1] for j in chunk], sampling, generator)
                 for r, j in enumerate(chunk):
                     results[j] = self._completion(new[r], logprobs[r], encoded[j][0], sampling.stop)
+                bar.update(len(chunk))
         finally:
+            bar.close()
             self.model.train(was_training)
             self._packed = {}
         return results

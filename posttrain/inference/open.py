@@ -20,24 +20,31 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from posttrain.atomic import write_json
-from posttrain.inference.engine import Completion, SamplingParams
-
-
-def model_fingerprint(path: str) -> str:
-    """A local model directory's path with the names, sizes and modification times of its files."""
-    p = Path(path)
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file()) if p.is_dir() else []
-    return hashlib.sha256(json.dumps([str(p.resolve()) if p.exists() else path, files]).encode()).hexdigest()[:16]
+from posttrain.inference.engine import Completion, SamplingParams, progress_bar
+from posttrain.util import model_fingerprint
 
 
 class CachedEngine:
     def __init__(self, engine, cache_dir: str | Path, model_key: str, chunk: int = 64):
         self.engine, self.cache_dir, self.model_key, self.chunk = engine, Path(cache_dir), model_key, chunk
         self.stats = {"chunks_generated": 0, "chunks_cached": 0}
+        self.progress: str | None = None  # a label: a progress bar over the chunks (cached ones count at once)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def stop_ids(self):
+        return self.engine.stop_ids
+
+    def encode(self, prompt) -> list[int]:
+        return self.engine.encode(prompt)
 
     def generate(self, prompts: list, sampling: SamplingParams | None = None) -> list[Completion]:
         sampling = sampling or SamplingParams()
         out: list[Completion] = []
+        bar = progress_bar(self.progress, len(prompts) * sampling.n)
         for i in range(0, len(prompts), self.chunk):
             part = prompts[i:i + self.chunk]
             key = hashlib.sha256(json.dumps([self.model_key, part, asdict(sampling), i // self.chunk],
@@ -51,6 +58,8 @@ class CachedEngine:
                 write_json(path, [asdict(c) for c in got])
                 self.stats["chunks_generated"] += 1
             out += [replace(c, prompt_index=c.prompt_index + i) for c in got]
+            bar.update(len(got))
+        bar.close()
         return out
 
 

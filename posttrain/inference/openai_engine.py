@@ -25,12 +25,12 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from posttrain.atomic import write_json
 from posttrain.errors import UserError
-from posttrain.inference.engine import Completion, SamplingParams
+from posttrain.inference.engine import Completion, SamplingParams, progress_bar
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -49,6 +49,7 @@ class OpenAIEngine:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.stats = {"requests": 0, "retries": 0, "cache_hits": 0}
         self._lock = threading.Lock()
+        self.progress: str | None = None  # a label: show a progress bar (see posttrain.inference.engine)
 
     @classmethod
     def from_spec(cls, spec: str, **kwargs) -> "OpenAIEngine":
@@ -63,10 +64,15 @@ class OpenAIEngine:
         sampling = sampling or SamplingParams()
         jobs = [(i, j, self._messages(p)) for i, p in enumerate(prompts) for j in range(sampling.n)]
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        bar = progress_bar(self.progress, len(jobs))
         try:
             futures = [pool.submit(self._one, i, j, messages, sampling) for i, j, messages in jobs]
+            for f in as_completed(futures):
+                f.result()
+                bar.update(1)
             return [f.result() for f in futures]
         finally:  # on an error, requests not started yet are dropped; finished ones are in the cache
+            bar.close()
             pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod

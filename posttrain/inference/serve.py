@@ -133,7 +133,7 @@ def make_server(engine: TransformersEngine, model_name: str, host: str = "127.0.
 
 
 def serve(model_path: str, host: str, port: int, batch_size: int = 8, name: str | None = None) -> None:
-    from posttrain.train.loop import log
+    from posttrain.util import log
 
     engine = TransformersEngine.load(model_path, batch_size)
     server = make_server(engine, name or model_path, host, port)

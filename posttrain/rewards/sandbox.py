@@ -43,7 +43,7 @@ class Result:
 
 def _base_dir() -> str:
     # Outside /tmp: the sandbox mounts a private tmpfs over /tmp, which would hide the work directory.
-    from posttrain.models import cache_root
+    from posttrain.util import cache_root
 
     base = cache_root() / "sandbox"
     base.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,18 +18,7 @@ import numpy as np
 import torch
 
 from posttrain.atomic import publish_dir
-
-_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _NAME.match(p.name)) and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
+from posttrain.util import checkpoints
 
 
 def latest(output_dir: str | Path) -> Path | None:

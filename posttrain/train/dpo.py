@@ -32,10 +32,11 @@ from posttrain.data import chat, packing
 from posttrain.data.mixing import mix
 from posttrain.data.records import preference_problem
 from posttrain.errors import UserError
+from posttrain.inference.logprobs import TokenLogProbs, collate, per_sample
 from posttrain.models import load_model, load_tokenizer
-from posttrain.train import reference
-from posttrain.train.logprobs import TokenLogProbs, collate, per_sample
-from posttrain.train.loop import Objective, Result, finished, log, train
+from posttrain.train import contamination, reference
+from posttrain.train.loop import Objective, Result, RowSource, finished, train
+from posttrain.util import log
 
 
 def preference_loss(loss_type: str, pc, pr, rc, rr, nc, nr, beta: float, label_smoothing: float = 0.0,
@@ -136,7 +137,7 @@ def prepare_pairs(cfg, stage: str):
     stats.update(rows=len(rows), chat_template=template_label)
     log(f"{stage}: {stats['pairs']} pairs, {stats['kept']} kept, dropped {stats['dropped'] or 'none'}; "
         f"{len(rows)} rows")
-    return tokenizer, rows, len(samples), stats, lineage
+    return tokenizer, rows, len(samples), stats, lineage, pairs
 
 
 def eval_rows(cfg, tokenizer) -> list[dict]:
@@ -147,7 +148,7 @@ def eval_rows(cfg, tokenizer) -> list[dict]:
 def run_dpo(cfg: DPOConfig, eval_fn=None) -> Result:
     if (done := finished(cfg, "dpo")) is not None:
         return done
-    tokenizer, rows, num_pairs, stats, lineage = prepare_pairs(cfg, "dpo")
+    tokenizer, rows, num_pairs, stats, lineage, pairs = prepare_pairs(cfg, "dpo")
     if cfg.eval_datasets and eval_fn is None:
         held = eval_rows(cfg, tokenizer)
         eval_fn = lambda model: preference_accuracy(  # noqa: E731
@@ -160,5 +161,6 @@ def run_dpo(cfg: DPOConfig, eval_fn=None) -> Result:
                                                    cfg.per_device_eval_batch_size, settings)
         stats["reference_cache"] = {"path": str(path), "hit": hit}
         log(f"dpo: reference log-probs {'loaded from' if hit else 'computed and cached in'} {path}")
-    return train(cfg, model, tokenizer, rows, lambda b: collate(b, tokenizer.pad_token_id),
-                 dpo_objective(cfg, ref), stage="dpo", data=lineage, data_stats=stats, eval_fn=eval_fn)
+    return train(cfg, model, tokenizer, RowSource(rows, lambda b: collate(b, tokenizer.pad_token_id)),
+                 dpo_objective(cfg, ref), stage="dpo", data=lineage, data_stats=stats, eval_fn=eval_fn,
+                 texts=contamination.user_texts(pairs))

@@ -1,23 +1,28 @@
-"""THE training loop, shared by every algorithm. An algorithm supplies a loss; the loop owns the rest.
+"""THE training loop, shared by every stage. A stage supplies its steps and a loss; the loop owns the rest.
 
-Batching. Rows are shuffled once per epoch with a generator seeded by ``seed + epoch``. A step
-takes the next ``G = per_device_train_batch_size * gradient_accumulation_steps * num_processes``
-rows; process ``r`` takes rows ``[r*P, (r+1)*P)`` of them (``P = G / num_processes``) in
-``gradient_accumulation_steps`` micro-batches. The data position is therefore a function of the
-step alone, which is what makes resume exact. An incomplete last global batch of an epoch is
-dropped.
+Steps. A ``StepSource`` hands the loop each step's micro-batches for this process: ``RowSource`` for
+fixed rows (SFT, DPO, reward models, mid-training: rows shuffled once per epoch with ``seed + epoch``,
+a step takes the next ``G = per_device_train_batch_size * gradient_accumulation_steps * processes``
+rows, process ``r`` its contiguous share), RLVR's rollout source for RL (prompts -> rollouts ->
+rewards -> advantages). The data position is a function of the step alone, which makes resume exact.
+A source may ask for several optimizer updates over one step's batches (``updates_per_step``, RL's
+``num_iterations``); the learning-rate schedule counts updates.
 
-Normalisation. ``Objective.items_key`` names a batch count (trained tokens, samples, pairs). Before
-a step the loop sums it over the step's micro-batches and processes (``N``) and passes ``N`` to
-``Objective.loss``, which returns its loss *summed* over the micro-batch and divided by ``N``. The
-gradient of a step is then the gradient of ``sum(losses) = (global sum) / N``, whatever the split
-into processes and micro-batches (each backward is scaled by ``num_processes`` because DDP averages
-gradients across processes). Logged metrics are summed the same way.
+Normalisation. ``Objective.items_key`` names a batch count (trained tokens, samples, pairs,
+completions). Before a step the loop sums it over the step's micro-batches and processes (``N``) and
+passes ``N`` to ``Objective.loss``, which returns its loss *summed* over the micro-batch and divided by
+``N``. The gradient of an update is then the gradient of ``(global sum) / N``, whatever the split into
+processes and micro-batches (each backward is scaled by ``num_processes`` because DDP averages
+gradients across processes). Logged metrics are summed the same way; the source's ``summarize`` turns
+the global sums into the logged values.
 
-Everything else: AdamW (no weight decay on biases and norms), gradient clipping, transformers' LR
-schedules with warmup, checkpoints every ``save_steps`` (atomic, see checkpoint.py), resume from
-the latest complete checkpoint, ``metrics.jsonl``, a progress bar, optional tensorboard/wandb,
-an evaluation hook, and the final model plus ``manifest.json`` in ``output_dir``.
+Everything else, for every stage: the accelerator, the output directory, seeding, resume from the
+latest complete checkpoint, AdamW (no weight decay on biases and norms), gradient clipping with the
+norm logged (``grad_norm``), transformers' LR schedules with warmup, ``metrics.jsonl`` every
+``logging_steps`` with tokens/s, a progress bar, optional tensorboard/wandb, an evaluation hook,
+checkpoints every ``save_steps`` (atomic, see checkpoint.py), and the end of a run: the final model,
+the contamination report and, written last, ``manifest.json``. This module is the only place that
+calls ``backward``.
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -41,8 +46,10 @@ from posttrain import manifest as manifest_mod
 from posttrain.atomic import publish_dir, write_json
 from posttrain.config import TrainConfig, config_hash
 from posttrain.errors import UserError
+from posttrain.inference.logprobs import TokenLogProbs
 from posttrain.train import checkpoint as ckpt_mod
-from posttrain.train.logprobs import TokenLogProbs
+from posttrain.train import contamination
+from posttrain.util import log
 
 LossFn = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "cosine_min": "cosine_with_min_lr", "constant": "constant_with_warmup"}
@@ -71,12 +78,6 @@ class Result:
     metrics: dict
     output_dir: Path
     skipped: bool = False
-
-
-def log(msg: str) -> None:
-    """A progress line on stderr, from the main process only."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
@@ -150,15 +151,103 @@ def reduce_sum(accelerator, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callable[[list[dict]], dict],
-          objective: Objective, *, stage: str, data: list[dict], data_stats: dict,
-          eval_fn: Callable[[torch.nn.Module], dict] | None = None,
-          wrap: Callable[[torch.nn.Module], torch.nn.Module] = TokenLogProbs) -> Result:
-    """Train ``model`` on ``rows`` and write the final checkpoint and manifest to ``cfg.output_dir``.
-    ``wrap`` puts the module the objective calls around the model (per-token log-probs by default)."""
+@dataclass
+class StepData:
+    """One step's input from a ``StepSource``: this process's micro-batches, metric sums to add over
+    processes (``sums``), and values logged as they are (``info``)."""
+
+    batches: list[dict]
+    sums: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """The run context a step source sees: the accelerator, the prepared module the objective calls,
+    the inner model (for generation), the tokenizer and the config."""
+
+    accelerator: object
+    module: torch.nn.Module
+    model: torch.nn.Module
+    tokenizer: object
+    cfg: TrainConfig
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+class StepSource(Protocol):
+    """Where a stage's steps come from: fixed rows (``RowSource``) or rollouts (RLVR)."""
+
+    updates_per_step: int  # optimizer updates over one step's micro-batches (RL's num_iterations)
+    progress_keys: tuple[str, ...]  # metrics shown on the progress bar
+
+    def total_steps(self, cfg: TrainConfig, world: int) -> tuple[int, int]: ...  # (steps, steps per epoch)
+
+    def __call__(self, step: int, run: Run) -> StepData: ...
+
+    def summarize(self, sums: dict[str, float]) -> dict: ...  # global sums -> logged metrics
+
+
+class RowSource:
+    """Fixed training rows. A step takes the next ``G = per_device_train_batch_size *
+    gradient_accumulation_steps * processes`` rows of an order shuffled once per epoch (seed ``seed +
+    epoch``); process ``r`` takes rows ``[r*P, (r+1)*P)`` of them in micro-batches. ``max_rows``
+    (a token budget) sets the number of steps to ``max_rows // G`` whatever the number of processes."""
+
+    updates_per_step = 1
+    progress_keys = ("loss",)
+
+    def __init__(self, rows, collate: Callable[[list[dict]], dict], max_rows: int | None = None):
+        self.rows, self.collate, self.max_rows = rows, collate, max_rows
+        self.order: dict[int, list[int]] = {}
+
+    def total_steps(self, cfg: TrainConfig, world: int) -> tuple[int, int]:
+        self.micro = cfg.per_device_train_batch_size
+        self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+        self.seed = cfg.seed
+        self.steps_per_epoch = len(self.rows) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(self.rows)} training rows is fewer than one global batch of {self.global_batch} "
+                            "(per_device_train_batch_size x gradient_accumulation_steps x processes)")
+        if self.max_rows:
+            return max(1, self.max_rows // self.global_batch), self.steps_per_epoch
+        if cfg.max_steps > 0:
+            return cfg.max_steps, self.steps_per_epoch
+        return math.ceil(cfg.num_train_epochs * self.steps_per_epoch), self.steps_per_epoch
+
+    def __call__(self, step: int, run: Run) -> StepData:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch not in self.order:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self.order = {epoch: torch.randperm(len(self.rows), generator=g).tolist()}
+        chosen = self.order[epoch][k * self.global_batch:(k + 1) * self.global_batch]
+        share = self.global_batch // run.world
+        mine = chosen[run.rank * share:(run.rank + 1) * share]
+        return StepData([self.collate([self.rows[i] for i in mine[j:j + self.micro]])
+                         for j in range(0, share, self.micro)])
+
+    def summarize(self, sums: dict[str, float]) -> dict:
+        return sums
+
+
+def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Objective, *, stage: str,
+          data: list[dict], data_stats: dict, eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+          wrap: Callable[[torch.nn.Module], torch.nn.Module] = TokenLogProbs,
+          extra_models: dict[str, torch.nn.Module] | None = None, texts: Iterable[str] = ()) -> Result:
+    """Train ``model`` on the steps of ``source`` and write the final checkpoint and manifest to
+    ``cfg.output_dir``. ``wrap`` puts the module the objective calls around the model (per-token
+    log-probs by default); ``extra_models`` (RL's value model) are checkpointed and saved beside it;
+    ``texts`` (the user text of every training record) go into the contamination report."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     started = time.time()
+    checker = contamination.Checker(cfg.decontaminate_against)
     for tracker, modules in (("tensorboard", ("tensorboard", "tensorboardX")), ("wandb", ("wandb",))):
         if tracker in cfg.report_to and not any(importlib.util.find_spec(m) for m in modules):
             raise UserError(f"report_to: {tracker} is not installed (pip install {modules[0]})")
@@ -174,29 +263,29 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
         out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
 
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    steps_per_epoch = len(rows) // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"{stage}: {len(rows)} training rows is fewer than one global batch of {global_batch} "
-                        "(per_device_train_batch_size x gradient_accumulation_steps x processes)")
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    warmup = math.ceil(cfg.warmup_ratio * total)
+    try:
+        total, steps_per_epoch = source.total_steps(cfg, world)
+    except UserError as e:
+        raise UserError(f"{stage}: {e}") from None
+    updates = total * source.updates_per_step
+    warmup = math.ceil(cfg.warmup_ratio * updates)
 
     if cfg.use_peft:
         model = apply_peft(cfg, model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    policy = wrap(model)
-    optimizer = make_optimizer(cfg, policy)
-    scheduler = make_scheduler(cfg, optimizer, warmup, total)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    inner = accelerator.unwrap_model(policy).model
+    module = wrap(model)
+    module.train()
+    optimizer = make_optimizer(cfg, module)
+    scheduler = make_scheduler(cfg, optimizer, warmup, updates)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    inner = accelerator.unwrap_model(module).model
+    run = Run(accelerator, module, inner, tokenizer, cfg)
 
     start = 0
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None:
-        start = ckpt_mod.load(resume_from, inner, optimizer, scheduler)["step"]
+        start = ckpt_mod.load(resume_from, inner, optimizer, scheduler, extra_models)["step"]
         if is_main:
             trim_metrics(metrics_path, start)
             log(f"{stage}: resuming from {resume_from} (step {start} of {total})")
@@ -204,70 +293,67 @@ def train(cfg: TrainConfig, model, tokenizer, rows: list[dict], collate: Callabl
         metrics_path.unlink(missing_ok=True)
     if report := cfg.report_to:
         accelerator.init_trackers(stage, config={k: str(v) for k, v in vars(cfg).items()})
-    if is_main:
-        log(f"{stage}: {len(rows)} rows, global batch {global_batch} ({world} process(es) x "
-            f"{cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} accumulation), "
-            f"{total} steps, {warmup} warmup")
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    log(f"{stage}: {total} steps x {source.updates_per_step} update(s), {warmup} warmup, global batch {global_batch} "
+        f"({world} process(es) x {cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} accumulation)")
 
-    orders: dict[int, torch.Tensor] = {}
     bar = tqdm(total=total, initial=start, desc=stage, disable=None if is_main else True, dynamic_ncols=True)
     quiet_every = max(1, total // 10)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     last: dict = {}
     tokens_seen, t_run = 0, time.time()
     for step in range(start, total):
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch not in orders:
-            orders = {epoch: torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + epoch))}
-        mine = orders[epoch][k * global_batch:(k + 1) * global_batch].tolist()
-        per_proc = global_batch // world
-        mine = mine[accelerator.process_index * per_proc:(accelerator.process_index + 1) * per_proc]
-        bs = cfg.per_device_train_batch_size
-        batches = [collate([rows[i] for i in mine[j:j + bs]]) for j in range(0, per_proc, bs)]
-        n_items = reduce_sum(accelerator, {"n": sum(b[objective.items_key] for b in batches)})["n"]
+        t0 = time.time()
+        got = source(step, run)
+        n_items = reduce_sum(accelerator, {"n": sum(b[objective.items_key] for b in got.batches)})["n"]
         sums: dict[str, float] = {"loss": 0.0}
-        for j, batch in enumerate(batches):
-            tensors = {key: v.to(accelerator.device) for key, v in batch.items() if isinstance(v, torch.Tensor)}
-            sync = j == len(batches) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(policy):
-                loss, extra = objective.loss(policy, {**batch, **tensors}, max(n_items, 1.0))
-                accelerator.backward(loss * world)
-            sums["loss"] += float(loss.detach())
-            for key, v in extra.items():
-                sums[key] = sums.get(key, 0.0) + float(v)
-            tokens_seen += batch["num_input_tokens"] * world
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums = reduce_sum(accelerator, sums)
+        for _ in range(source.updates_per_step):
+            for j, batch in enumerate(got.batches):
+                tensors = {key: v.to(accelerator.device) for key, v in batch.items() if isinstance(v, torch.Tensor)}
+                sync = j == len(got.batches) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(module):
+                    loss, extra = objective.loss(module, {**batch, **tensors}, max(n_items, 1.0))
+                    # DDP averages gradients over processes; the loss is already a global mean
+                    accelerator.backward(loss * world)
+                for key, v in {"loss": loss.detach(), **extra}.items():
+                    sums[key] = sums.get(key, 0.0) + float(v) / source.updates_per_step
+                tokens_seen += batch["num_input_tokens"] * world
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        totals = reduce_sum(accelerator, {**got.sums, **sums})
         done = step + 1
         elapsed = time.time() - t_run
-        last = {"step": done, "epoch": round(step / steps_per_epoch, 4), **{k: round(v, 6) for k, v in sums.items()},
+        last = {"step": done, "epoch": round(step / steps_per_epoch, 4),
+                **{k: round(v, 6) for k, v in source.summarize(totals).items()}, **got.info,
                 "learning_rate": lr, "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
-                "num_input_tokens_seen": tokens_seen, "elapsed_seconds": round(elapsed, 3),
-                "tokens_per_second": round(tokens_seen / max(elapsed, 1e-9), 1)}
+                "num_input_tokens_seen": tokens_seen, "step_seconds": round(time.time() - t0, 3),
+                "elapsed_seconds": round(elapsed, 3), "tokens_per_second": round(tokens_seen / max(elapsed, 1e-9), 1)}
+        shown = {k: last[k] for k in source.progress_keys if k in last}
         if done % cfg.logging_steps == 0 or done == total:
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
                 if bar.disable and (done % quiet_every == 0 or done == total):
-                    log(f"{stage}: step {done}/{total} loss {sums['loss']:.4f} lr {lr:.3g}")
+                    log(f"{stage}: step {done}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                        + f" lr {lr:.3g}")
             if report:
                 accelerator.log(last, step=done)
         bar.update(1)
-        bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()}, "lr": f"{lr:.2e}"})
         if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < total:
             evaluate_main(accelerator, eval_fn, inner, done, metrics_path)
-        checkpoint_at(accelerator, cfg, done, total, inner, tokenizer, optimizer, scheduler, {"epoch": epoch})
+        checkpoint_at(accelerator, cfg, done, total, inner, tokenizer, optimizer, scheduler,
+                      {"epoch": step // steps_per_epoch}, extra_models)
     bar.close()
     # The optimizer state (2x the weights) is no longer needed: free it before the final evaluation
     # and save, which would otherwise add their own buffers on top of it at the run's peak.
     del optimizer, scheduler, params
     accelerator.free_memory()
     return finish(accelerator, cfg, stage, inner, tokenizer, last, eval_fn, total, t_run, started, data, data_stats,
-                  resume_from)
+                  resume_from, extra_models, checker.report(texts) if accelerator.is_main_process else {})
 
 
 def checkpoint_at(accelerator, cfg: TrainConfig, done: int, total: int, model, tokenizer, optimizer, scheduler,
@@ -283,9 +369,11 @@ def checkpoint_at(accelerator, cfg: TrainConfig, done: int, total: int, model, t
 
 
 def finish(accelerator, cfg: TrainConfig, stage: str, model, tokenizer, last: dict, eval_fn, total: int, t_run: float,
-           started: float, data: list[dict], data_stats: dict, resume_from, extra_models: dict | None = None) -> Result:
-    """The end of a run: the final evaluation, the model (and ``extra_models`` in subdirectories) and,
-    written last, ``manifest.json``."""
+           started: float, data: list[dict], data_stats: dict, resume_from, extra_models: dict | None = None,
+           contamination_report: dict | None = None) -> Result:
+    """The end of a run: the final evaluation, the model (and ``extra_models`` in subdirectories), the
+    contamination report of the training records (posttrain.train.contamination) and, written last,
+    ``manifest.json``."""
     out = Path(cfg.output_dir)
     metrics_path = out / "metrics.jsonl"
     final = dict(last)
@@ -298,9 +386,14 @@ def finish(accelerator, cfg: TrainConfig, stage: str, model, tokenizer, last: di
             extra.save_pretrained(tmp)
             publish_dir(tmp, out / name)
         final["train_seconds"] = round(time.time() - t_run, 2)
+        report = contamination_report or {}
+        if report.get("flagged"):
+            log(f"{stage}: {report['flagged']} training record(s) overlap evaluation items: "
+                + ", ".join(f"{t} {r['flagged']}" for t, r in report["tasks"].items() if r["flagged"]))
         write_json(out / "manifest.json", manifest_mod.build(
             stage, cfg, data=data, data_stats=data_stats, metrics=final, started=started,
-            world_size=accelerator.num_processes, steps=total, resumed_from=str(resume_from) if resume_from else None))
+            world_size=accelerator.num_processes, steps=total, resumed_from=str(resume_from) if resume_from else None,
+            contamination=report))
         log(f"{stage}: wrote {out}")
     accelerator.wait_for_everyone()
     if cfg.report_to:

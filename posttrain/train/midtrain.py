@@ -20,6 +20,7 @@ to ``min_lr_ratio`` of the peak). The anneal continues from a stage-1 checkpoint
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -30,10 +31,11 @@ import numpy as np
 from posttrain.config import MidtrainConfig
 from posttrain.data.io import read_records
 from posttrain.errors import UserError
+from posttrain.inference.logprobs import collate
 from posttrain.models import load_model, load_tokenizer
-from posttrain.train.logprobs import collate
-from posttrain.train.loop import Result, finished, log, train
+from posttrain.train.loop import Result, RowSource, finished, train
 from posttrain.train.sft import sft_objective
+from posttrain.util import log
 
 
 def _texts(path: str, split: str, name: str | None):
@@ -132,10 +134,8 @@ def run_midtrain(cfg: MidtrainConfig) -> Result:
     if cfg.anneal_from:
         cfg.learning_rate = last_learning_rate(cfg.anneal_from)
     length = cfg.max_seq_length
-    global_rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    # a token budget sets the number of steps: total_rows // global batch (every process counted)
     total_rows = math.ceil(cfg.total_tokens / length) if cfg.total_tokens else None
-    if total_rows:  # a token budget sets the number of steps (one process's global batch)
-        cfg.max_steps = max(1, total_rows // global_rows)
     if (done := finished(cfg, "midtrain")) is not None:
         return done
     tokenizer = load_tokenizer(cfg.model)
@@ -155,5 +155,7 @@ def run_midtrain(cfg: MidtrainConfig) -> Result:
     log(f"midtrain: {len(rows)} rows of {length} tokens from {len(files)} source(s); "
         f"{'anneal from lr ' + format(cfg.learning_rate, '.3g') if cfg.anneal_from else cfg.lr_scheduler_type}")
     model = load_model(cfg.model, cfg.dtype)
-    return train(cfg, model, tokenizer, rows, lambda b: collate(b, tokenizer.pad_token_id or tokenizer.eos_token_id),
-                 sft_objective("mean"), stage="midtrain", data=lineage, data_stats={"rows": len(rows), "row_tokens": length})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return train(cfg, model, tokenizer, RowSource(rows, lambda b: collate(b, pad), max_rows=total_rows),
+                 sft_objective("mean"), stage="midtrain", data=lineage, data_stats={"rows": len(rows), "row_tokens": length},
+                 texts=itertools.chain.from_iterable(_texts(s.path, s.split, s.name) for s in cfg.datasets))

@@ -18,20 +18,13 @@ from pathlib import Path
 
 import torch
 
-from posttrain.models import cache_root, resolve
-from posttrain.train.logprobs import TokenLogProbs, collate, per_sample
-
-
-def model_fingerprint(name: str) -> str:
-    path = Path(resolve(name))
-    if not path.is_dir():
-        return f"hub:{name}"
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return json.dumps([str(path.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+from posttrain.inference.logprobs import TokenLogProbs, collate, per_sample
+from posttrain.models import resolve
+from posttrain.util import cache_root, model_fingerprint
 
 
 def cache_key(model_name: str, rows: list[dict], settings: dict) -> str:
-    h = hashlib.sha256(model_fingerprint(model_name).encode())
+    h = hashlib.sha256(model_fingerprint(resolve(model_name)).encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
     for r in rows:
         h.update(json.dumps([r["input_ids"], r["labels_mask"], r["position_ids"], r["pair_index"]]).encode())

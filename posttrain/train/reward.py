@@ -5,7 +5,8 @@ over the pairs of the global batch. The model is a standard ``AutoModelForSequen
 with one label (the head of a causal LM checkpoint is replaced by a new ``score`` layer), saved so
 that transformers and other tools load it as is; ``config.pad_token_id`` is set, so their own
 forward pass finds the same last token. ``RewardModel.score`` scores conversations or texts
-(used by PPO and best-of-N).
+(used by PPO and best-of-N). PPO's value model (``ValueModel``) is the same kind of model with its
+head read at every token.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from torch import nn
 from posttrain.config import RewardConfig
 from posttrain.data import chat, packing
 from posttrain.errors import UserError
+from posttrain.inference.logprobs import IGNORE, TokenLogProbs, collate
 from posttrain.models import load_tokenizer, resolve
+from posttrain.train import contamination
 from posttrain.train.dpo import eval_rows, prepare_pairs
-from posttrain.train.logprobs import collate
-from posttrain.train.loop import Objective, Result, finished, train
+from posttrain.train.loop import Objective, Result, RowSource, finished, train
 
 
 class RewardScores(nn.Module):
@@ -88,7 +90,7 @@ def pair_accuracy(model, rows: list[dict], pad_id: int, batch_size: int = 16) ->
 def run_reward(cfg: RewardConfig) -> Result:
     if (done := finished(cfg, "reward")) is not None:
         return done
-    tokenizer, rows, _, stats, lineage = prepare_pairs(cfg, "reward")
+    tokenizer, rows, _, stats, lineage, pairs = prepare_pairs(cfg, "reward")
     eval_fn = None
     if cfg.eval_datasets:
         held = eval_rows(cfg, tokenizer)
@@ -96,8 +98,9 @@ def run_reward(cfg: RewardConfig) -> Result:
                                               cfg.per_device_eval_batch_size)
     torch.manual_seed(cfg.seed)  # the new score head's initialisation
     model = load_reward_model(cfg.model, tokenizer, cfg.dtype)
-    return train(cfg, model, tokenizer, rows, lambda b: collate(b, tokenizer.pad_token_id), reward_objective(),
-                 stage="reward", data=lineage, data_stats=stats, eval_fn=eval_fn, wrap=RewardScores)
+    return train(cfg, model, tokenizer, RowSource(rows, lambda b: collate(b, tokenizer.pad_token_id)), reward_objective(),
+                 stage="reward", data=lineage, data_stats=stats, eval_fn=eval_fn, wrap=RewardScores,
+                 texts=contamination.user_texts(pairs))
 
 
 class RewardModel:
@@ -127,3 +130,51 @@ class RewardModel:
             out += scorer(b["input_ids"].to(self.model.device), b["position_ids"].to(self.model.device),
                           b["sample_ids"].to(self.model.device), b["num_samples"]).tolist()
         return out
+
+
+class ValueModel(nn.Module):
+    """Per-token values: a sequence classifier's ``score`` head applied to every hidden state, read at
+    the state before each completion token (aligned with ``TokenLogProbs``'s output)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, labels, attention_mask=None, pred_index=None):
+        target = labels[:, 1:]
+        sel = target != IGNORE
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                       **extra).last_hidden_state
+        if pred_index is None:
+            picked = hidden[:, :-1][sel]
+        else:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(pred_index)
+            picked = hidden[rows[sel], pred_index[sel]]
+        values = self.model.score(picked).squeeze(-1)
+        values = values.to(torch.promote_types(values.dtype, torch.float32))  # at least float32 (float64 stays)
+        out = torch.zeros(target.shape, dtype=values.dtype, device=input_ids.device)
+        out[sel] = values
+        return out
+
+
+class PolicyAndValue(nn.Module):
+    """One module (one optimizer, one DDP wrapper) for PPO's policy and value model."""
+
+    def __init__(self, policy: TokenLogProbs, value: ValueModel):
+        super().__init__()
+        self.policy, self.value = policy, value
+        self.model = policy.model
+
+    def forward(self, *inputs):
+        return self.policy(*inputs), self.value(*inputs)
+
+
+def load_value_model(name: str, tokenizer, dtype: str, seed: int, zero_head: bool) -> ValueModel:
+    """A value model from a reward model (or the policy's checkpoint with a new head, ``zero_head``:
+    V = 0 at the start rather than noise)."""
+    torch.manual_seed(seed)  # a new score head's initialisation
+    model = load_reward_model(name, tokenizer, dtype)
+    if zero_head:
+        torch.nn.init.zeros_(model.score.weight)
+    return ValueModel(model)

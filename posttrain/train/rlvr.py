@@ -10,16 +10,19 @@ One step:
    ``num_generations`` completions per prompt at ``temperature`` / ``top_p`` / ``top_k``, up to
    ``max_completion_length`` tokens, with a seed derived from ``(seed, step, process)``. The engine's
    per-token log-probs are the "old" log-probs (the policy has not changed since sampling).
-3. **Rewards.** ``score = reward_scale * Σ_v w_v · verifier_v(text, ground_truth)`` (each record names
+3. **Rewards.** ``score = reward_scale * w_v · verifier_v(text, ground_truth)`` (each record names
    its verifier; ``verifier_weights`` gives ``w_v``, default 1) ``+ format_reward_weight · format``
    ``+ reward_model_weight · RM(prompt, completion)`` ``− unfinished_penalty`` when the completion hit
-   ``max_completion_length`` without its end-of-turn token.
+   ``max_completion_length`` without its end-of-turn token (posttrain.rewards.combine).
 4. **Advantages.** GRPO: group-relative (posttrain.train.rl.grpo). PPO: per-token rewards with the KL
    penalty, values from the value model, GAE and whitening (posttrain.train.rl.ppo).
 5. **Updates.** ``num_iterations`` optimizer steps over the rollout batch, each with
    ``gradient_accumulation_steps`` micro-batches of ``per_device_train_batch_size`` completions; the
-   loss is normalised by the count of the whole global batch (tokens or sequences, see
-   ``grpo.aggregate``), so accumulation and processes do not change it.
+   loss (``grpo.batch_loss``, ``ppo.batch_loss``) is normalised by the count of the whole global batch
+   (tokens or sequences, ``grpo.COUNTS``), so accumulation and processes do not change it.
+
+Steps 1-4 are this module's ``Rollouts``, a step source of the one training loop (posttrain.train.loop),
+which makes the updates, logs, checkpoints and resumes as it does for every stage.
 
 Log-probs under training use ``softmax(logits / temperature)``, the distribution that was sampled.
 With ``beta > 0`` a frozen copy of the initial model gives the reference log-probs. Checkpoints hold the
@@ -29,41 +32,26 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from posttrain.config import RLVRConfig
 from posttrain.data import chat
 from posttrain.data.mixing import mix
 from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams, TransformersEngine
+from posttrain.inference.logprobs import IGNORE, TokenLogProbs
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rewards import get_verifier
-from posttrain.train import checkpoint as ckpt_mod
-from posttrain.train.logprobs import IGNORE, TokenLogProbs
-from posttrain.train.loop import (
-    Result,
-    checkpoint_at,
-    evaluate_main,
-    finish,
-    finished,
-    log,
-    make_optimizer,
-    make_scheduler,
-    prepare_output_dir,
-    reduce_sum,
-    trim_metrics,
-)
+from posttrain.rewards.combine import Scorer
+from posttrain.train import contamination
+from posttrain.train.loop import Objective, Result, Run, StepData, finished, reduce_sum, train
+from posttrain.train.reward import PolicyAndValue, load_value_model
 from posttrain.train.rl import grpo, ppo
-from posttrain.train.rl.rows import collate as rows_collate
-from posttrain.train.rl.rows import group_rows, model_inputs
+from posttrain.train.rl.rows import collate_rows, group_rows, model_inputs
+from posttrain.util import log
 
 
 def prepare_prompts(tokenizer, records: list[dict], max_prompt_length: int) -> tuple[list[dict], dict]:
@@ -88,90 +76,35 @@ def prepare_prompts(tokenizer, records: list[dict], max_prompt_length: int) -> t
                      "verifiers": verifiers}
 
 
-class Scorer:
-    """The sequence score of step 3 of the module docstring, and its parts for logging."""
+def make_scorer(cfg: RLVRConfig, verifiers: list[str]) -> Scorer:
+    reward_model = None
+    if cfg.reward_model:
+        from posttrain.train.reward import RewardModel
 
-    def __init__(self, cfg: RLVRConfig, verifiers: list[str], workers: int = 4):
-        self.cfg, self.verifiers = cfg, sorted(verifiers)
-        self.format = get_verifier(cfg.format_reward) if cfg.format_reward else None
-        self.reward_model = None
-        if cfg.reward_model:
-            from posttrain.train.reward import RewardModel
-
-            self.reward_model = RewardModel.from_pretrained(cfg.reward_model)
-        self.pool = ThreadPoolExecutor(max_workers=workers)  # the code verifier waits on sandboxes
-
-    def __call__(self, prompts: list[dict], completions: list) -> tuple[torch.Tensor, dict]:
-        cfg = self.cfg
-        owners = [prompts[c.prompt_index] for c in completions]
-        verified = list(self.pool.map(lambda pc: float(get_verifier(pc[0]["verifier"])(pc[1].text, pc[0]["ground_truth"])),
-                                      zip(owners, completions)))
-        scores = torch.tensor([cfg.reward_scale * cfg.verifier_weights.get(p["verifier"], 1.0) * v
-                               for p, v in zip(owners, verified)], dtype=torch.float32)
-        unfinished = torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.float32)
-        scores -= cfg.unfinished_penalty * unfinished
-        metrics = {"verified": sum(verified), "unfinished": float(unfinished.sum()),
-                   "completion_tokens": float(sum(len(c.token_ids) for c in completions))}
-        for name in self.verifiers:  # every process reports every name, so the sums can be all-reduced
-            mine = [v for p, v in zip(owners, verified) if p["verifier"] == name]
-            metrics[f"verifier/{name}"], metrics[f"count/{name}"] = float(sum(mine)), float(len(mine))
-        if self.format is not None:
-            fmt = torch.tensor([self.format(c.text, None) for c in completions], dtype=torch.float32)
-            scores += cfg.format_reward_weight * fmt
-            metrics["format"] = float(fmt.sum())
-        if self.reward_model is not None:
-            rm = torch.tensor(self.reward_model.score([p["messages"] + [{"role": "assistant", "content": c.text}]
-                                                       for p, c in zip(owners, completions)]))
-            scores += cfg.reward_model_weight * rm
-            metrics["reward_model"] = float(rm.sum())
-        metrics["reward"] = float(scores.sum())
-        return scores, metrics
+        reward_model = RewardModel.from_pretrained(cfg.reward_model).score
+    return Scorer(verifiers, verifier_weights=cfg.verifier_weights, reward_scale=cfg.reward_scale,
+                  unfinished_penalty=cfg.unfinished_penalty, format_reward=cfg.format_reward,
+                  format_reward_weight=cfg.format_reward_weight, reward_model=reward_model,
+                  reward_model_weight=cfg.reward_model_weight)
 
 
-class ValueModel(nn.Module):
-    """Per-token values: a sequence classifier's ``score`` head applied to every hidden state, read at
-    the state before each completion token (aligned with ``TokenLogProbs``'s output)."""
+def rl_objective(cfg: RLVRConfig) -> Objective:
+    """The loss the loop minimises: GRPO's (``grpo.batch_loss``) or PPO's policy + value loss."""
+    if cfg.algorithm == "grpo":
+        def loss(module, batch, num_items):
+            logp = module(*model_inputs(batch, batch["input_ids"].device))
+            return grpo.batch_loss(logp, batch, num_items, loss_type=cfg.loss_type,
+                                   max_completion_length=cfg.max_completion_length, epsilon=cfg.epsilon,
+                                   epsilon_high=cfg.epsilon_high, beta=cfg.beta)
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+        return Objective(loss=loss, items_key=grpo.COUNTS[cfg.loss_type])
 
-    def forward(self, input_ids, position_ids, labels, attention_mask=None, pred_index=None):
-        target = labels[:, 1:]
-        sel = target != IGNORE
-        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
-        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                       **extra).last_hidden_state
-        if pred_index is None:
-            picked = hidden[:, :-1][sel]
-        else:
-            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(pred_index)
-            picked = hidden[rows[sel], pred_index[sel]]
-        out = torch.zeros(target.shape, dtype=torch.float32, device=input_ids.device)
-        out[sel] = self.model.score(picked).squeeze(-1).float()
-        return out
+    def ppo_loss(module, batch, num_items):
+        logp, values = module(*model_inputs(batch, batch["input_ids"].device))
+        return ppo.batch_loss(logp, values, batch, num_items, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                              vf_coef=cfg.vf_coef, cliprange_value=cfg.cliprange_value)
 
-
-class PolicyAndValue(nn.Module):
-    """One module (one optimizer, one DDP wrapper) for PPO's policy and value model."""
-
-    def __init__(self, policy: TokenLogProbs, value: ValueModel):
-        super().__init__()
-        self.policy, self.value = policy, value
-        self.model = policy.model
-
-    def forward(self, *inputs):
-        return self.policy(*inputs), self.value(*inputs)
-
-
-def load_value_model(cfg: RLVRConfig, tokenizer) -> ValueModel:
-    from posttrain.train.reward import load_reward_model
-
-    torch.manual_seed(cfg.seed)  # a new score head's initialisation
-    model = load_reward_model(cfg.value_model or cfg.model, tokenizer, cfg.dtype)
-    if not cfg.value_model:
-        torch.nn.init.zeros_(model.score.weight)  # start from V = 0 rather than noise
-    return ValueModel(model)
+    return Objective(loss=ppo_loss, items_key=ppo.COUNT)
 
 
 def completion_records(prompts: list[dict], completions: list) -> list[dict]:
@@ -189,7 +122,7 @@ def micro_batches(prompts: list[dict], records: list[dict], size: int, share: st
         for i in dict.fromkeys(r["prompt"] for r in chunk):
             mine = [{"token_ids": r["token_ids"], **{k: r[k] for k in keys}} for r in chunk if r["prompt"] == i]
             rows += group_rows(prompts[i]["ids"], mine, share)
-        out.append(rows_collate(rows, pad))
+        out.append(collate_rows(rows, pad))
     return out
 
 
@@ -201,15 +134,6 @@ def split_tokens(values: torch.Tensor, batch: dict, records: list[dict]):
         end = start + len(r["token_ids"])
         yield r, flat[start:end]
         start = end
-
-
-def select_prompts(cfg: RLVRConfig, n_prompts: int, step: int, per_step: int, rank: int, world: int) -> list[int]:
-    steps_per_epoch = n_prompts // per_step
-    epoch, k = divmod(step, steps_per_epoch)
-    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-    mine = order[k * per_step:(k + 1) * per_step].tolist()
-    share = per_step // world
-    return mine[rank * share:(rank + 1) * share]
 
 
 def accuracy_fn(prompts: list[dict], tokenizer, cfg: RLVRConfig):
@@ -230,13 +154,76 @@ def accuracy_fn(prompts: list[dict], tokenizer, cfg: RLVRConfig):
     return evaluate
 
 
+class Rollouts:
+    """RLVR's step source for the training loop: steps 1-4 of the module docstring."""
+
+    progress_keys = ("reward", "verified")
+
+    def __init__(self, cfg: RLVRConfig, prompts: list[dict], scorer: Scorer, reference: TokenLogProbs | None):
+        self.cfg, self.prompts, self.scorer, self.reference = cfg, prompts, scorer, reference
+        self.updates_per_step = cfg.num_iterations
+        self.engine: TransformersEngine | None = None
+
+    def total_steps(self, cfg: RLVRConfig, world: int) -> tuple[int, int]:
+        G = cfg.num_generations
+        self.prompts_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world // G
+        self.steps_per_epoch = len(self.prompts) // self.prompts_per_step
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(self.prompts)} prompts is fewer than one step's {self.prompts_per_step} (batch of "
+                            f"{self.prompts_per_step * G} completions / num_generations {G})")
+        log(f"rlvr ({cfg.algorithm}): {len(self.prompts)} prompts, {self.prompts_per_step} per step x {G} generations")
+        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
+        return total, self.steps_per_epoch
+
+    def select(self, step: int, rank: int, world: int) -> list[dict]:
+        """This process's prompts for ``step``: a contiguous share of the step's slice of an order
+        shuffled once per epoch (seed ``seed + epoch``)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        chosen = order[k * self.prompts_per_step:(k + 1) * self.prompts_per_step].tolist()
+        share = self.prompts_per_step // world
+        return [self.prompts[i] for i in chosen[rank * share:(rank + 1) * share]]
+
+    def __call__(self, step: int, run: Run) -> StepData:
+        cfg = self.cfg
+        if self.engine is None:  # the policy being trained, its weights updated in place
+            self.engine = TransformersEngine(run.model, run.tokenizer, batch_size=cfg.generation_batch_size)
+        t0 = time.time()
+        mine = self.select(step, run.rank, run.world)
+        sampling = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.num_generations,
+                                  seed=(cfg.seed * 1_000_003 + step) * 257 + run.rank)
+        completions = self.engine.generate([p["ids"] for p in mine], sampling)
+        t_gen = time.time() - t0
+        scores, sums = self.scorer(mine, completions)
+        records = completion_records(mine, completions)
+        sums.update(prepare_advantages(cfg, run, self.reference, mine, records, scores, self.engine.pad_id))
+        keys = ("old_logp", "advantages") + (("ref_logp",) if self.reference is not None and cfg.algorithm == "grpo"
+                                             else ()) + (
+            ("old_values", "returns") if cfg.algorithm == "ppo" else ()) + (("keep",) if "keep" in records[0] else ())
+        batches = micro_batches(mine, records, cfg.per_device_train_batch_size, cfg.share_prompt, self.engine.pad_id, keys)
+        sums["completions"] = float(len(completions))
+        return StepData(batches, sums, {"generate_seconds": round(t_gen, 3),
+                                        "score_seconds": round(time.time() - t0 - t_gen, 3)})
+
+    @staticmethod
+    def summarize(totals: dict[str, float]) -> dict:
+        """Per completion: reward, verified, ...; per verifier: its mean score; per trained token: kl,
+        clip_fraction, value_loss."""
+        n = max(totals["completions"], 1.0)
+        tokens = max(totals.get("tokens", 0.0), 1.0)
+        out = {"loss": totals["loss"]}
+        out.update({k: v / n for k, v in totals.items()
+                    if k in ("reward", "verified", "unfinished", "completion_tokens", "format", "reward_model",
+                             "zero_variance")})
+        out.update({k: v / max(totals[f"count/{k[9:]}"], 1.0) for k, v in totals.items() if k.startswith("verifier/")})
+        out.update({k: totals[k] / tokens for k in ("kl", "clip_fraction", "value_loss") if k in totals})
+        return out
+
+
 def run_rlvr(cfg: RLVRConfig) -> Result:
     if (done := finished(cfg, "rlvr")) is not None:
         return done
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    started = time.time()
     tokenizer = load_tokenizer(cfg.model)
     template_label = chat.use_template(tokenizer, cfg.chat_template)
     records, lineage = mix(cfg.datasets, "verifiable", cfg.seed)
@@ -247,139 +234,38 @@ def run_rlvr(cfg: RLVRConfig) -> Result:
         held, _ = prepare_prompts(tokenizer, mix(cfg.eval_datasets, "verifiable", cfg.seed)[0], cfg.max_prompt_length)
         eval_fn = accuracy_fn(held, tokenizer, cfg)
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
-                              project_dir=cfg.output_dir)
-    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    resume_from = prepare_output_dir(cfg, is_main)
-    accelerator.wait_for_everyone()
-    out = Path(cfg.output_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
-
-    G = cfg.num_generations
-    per_proc = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    prompts_per_step = per_proc * world // G
-    steps_per_epoch = len(prompts) // prompts_per_step
-    if steps_per_epoch == 0:
-        raise UserError(f"rlvr: {len(prompts)} prompts is fewer than one step's {prompts_per_step} "
-                        f"(batch of {per_proc * world} completions / num_generations {G})")
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    updates = total * cfg.num_iterations
-    warmup = math.ceil(cfg.warmup_ratio * updates)
-
     model = load_model(cfg.model, cfg.dtype)
-    if cfg.use_peft:
-        from posttrain.train.loop import apply_peft
-
-        model = apply_peft(cfg, model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = None
-    needs_ref = cfg.beta > 0
-    if needs_ref:
+    if cfg.beta > 0:
         reference = TokenLogProbs(load_model(cfg.model, cfg.dtype).eval().requires_grad_(False), cfg.temperature)
-    policy = TokenLogProbs(model, cfg.temperature)
-    value = load_value_model(cfg, tokenizer) if cfg.algorithm == "ppo" else None
-    module = PolicyAndValue(policy, value) if value is not None else policy
-    module.train()
-    optimizer = make_optimizer(cfg, module)
-    scheduler = make_scheduler(cfg, optimizer, warmup, updates)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    inner = accelerator.unwrap_model(module).model
-    extra_models = {"value": value.model} if value is not None else {}
+    value = None
+    if cfg.algorithm == "ppo":
+        value = load_value_model(cfg.value_model or cfg.model, tokenizer, cfg.dtype, cfg.seed,
+                                 zero_head=not cfg.value_model)
 
-    start = 0
-    metrics_path = out / "metrics.jsonl"
-    if resume_from is not None:
-        start = ckpt_mod.load(resume_from, inner, optimizer, scheduler, extra_models)["step"]
-        if is_main:
-            trim_metrics(metrics_path, start)
-            log(f"rlvr: resuming from {resume_from} (step {start} of {total})")
-    elif is_main:
-        metrics_path.unlink(missing_ok=True)
-    if cfg.report_to:
-        accelerator.init_trackers("rlvr", config={k: str(v) for k, v in vars(cfg).items()})
-    log(f"rlvr ({cfg.algorithm}): {len(prompts)} prompts, {prompts_per_step} per step x {G} generations, "
-        f"{total} steps x {cfg.num_iterations} update(s), {world} process(es)")
+    def wrap(m):
+        policy = TokenLogProbs(m, cfg.temperature)
+        return PolicyAndValue(policy, value) if value is not None else policy
 
-    scorer = Scorer(cfg, list(stats["verifiers"]))
-    engine = TransformersEngine(inner, tokenizer, batch_size=cfg.generation_batch_size)
-    pad = engine.pad_id
-    items_key = "num_tokens" if cfg.algorithm == "ppo" or cfg.loss_type == "token_mean" else "num_sequences"
-    params = [p for p in module.parameters() if p.requires_grad]
-    bar = tqdm(total=total, initial=start, desc=f"rlvr-{cfg.algorithm}", disable=None if is_main else True,
-               dynamic_ncols=True)
-    last: dict = {}
-    t_run = time.time()
-    for step in range(start, total):
-        t0 = time.time()
-        mine = [prompts[i] for i in select_prompts(cfg, len(prompts), step, prompts_per_step, rank, world)]
-        sampling = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                  top_p=cfg.top_p, top_k=cfg.top_k, n=G, seed=(cfg.seed * 1_000_003 + step) * 257 + rank)
-        completions = engine.generate([p["ids"] for p in mine], sampling)
-        t_gen = time.time() - t0
-        scores, rollout_metrics = scorer(mine, completions)
-        records = completion_records(mine, completions)
-        rollout_metrics.update(_prepare_advantages(cfg, accelerator, module, reference, mine, records, scores, pad))
-        keys = ("old_logp", "advantages") + (("ref_logp",) if needs_ref and cfg.algorithm == "grpo" else ()) + (
-            ("old_values", "returns") if cfg.algorithm == "ppo" else ()) + (("keep",) if "keep" in records[0] else ())
-        batches = micro_batches(mine, records, cfg.per_device_train_batch_size, cfg.share_prompt, pad, keys)
-        n_items = reduce_sum(accelerator, {"n": sum(b[items_key] for b in batches)})["n"]
-        t_score = time.time() - t0 - t_gen
-        sums: dict[str, float] = {}
-        for _ in range(cfg.num_iterations):
-            update = _update(cfg, accelerator, module, optimizer, batches, n_items, params)
-            scheduler.step()
-            for k, v in update.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.num_iterations
-        totals = reduce_sum(accelerator, {**rollout_metrics, **sums, "completions": float(len(completions))})
-        n = max(totals.pop("completions"), 1.0)
-        tokens = max(totals.pop("tokens", 0.0), 1.0)
-        done = step + 1
-        last = {"step": done, "epoch": round(step / steps_per_epoch, 4),
-                "loss": round(totals.pop("loss"), 6),
-                **{k: round(v / n, 6) for k, v in totals.items()
-                   if k in ("reward", "verified", "unfinished", "completion_tokens", "format", "reward_model",
-                            "zero_variance")},
-                **{k: round(v / max(totals[f"count/{k[9:]}"], 1.0), 6) for k, v in totals.items() if k.startswith("verifier/")},
-                **{k: round(totals[k] / tokens, 6) for k in ("kl", "clip_fraction", "value_loss") if k in totals},
-                "learning_rate": scheduler.get_last_lr()[0], "generate_seconds": round(t_gen, 3),
-                "score_seconds": round(t_score, 3), "step_seconds": round(time.time() - t0, 3),
-                "elapsed_seconds": round(time.time() - t_run, 3)}
-        if is_main and (done % cfg.logging_steps == 0 or done == total):
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-            if bar.disable:
-                log(f"rlvr: step {done}/{total} reward {last['reward']:.4f} verified {last['verified']:.3f}")
-        if cfg.report_to:
-            accelerator.log(last, step=done)
-        bar.update(1)
-        bar.set_postfix(reward=f"{last['reward']:.3f}", verified=f"{last['verified']:.3f}")
-        if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < total:
-            evaluate_main(accelerator, eval_fn, inner, done, metrics_path)
-        checkpoint_at(accelerator, cfg, done, total, inner, tokenizer, optimizer, scheduler,
-                      {"epoch": step // steps_per_epoch}, extra_models)
-    bar.close()
-    del optimizer, scheduler, params
-    accelerator.free_memory()
-    return finish(accelerator, cfg, "rlvr", inner, tokenizer, last, eval_fn, total, t_run, started, lineage, stats,
-                  resume_from, extra_models)
+    source = Rollouts(cfg, prompts, make_scorer(cfg, list(stats["verifiers"])), reference)
+    return train(cfg, model, tokenizer, source, rl_objective(cfg), stage="rlvr", data=lineage, data_stats=stats,
+                 eval_fn=eval_fn, wrap=wrap, extra_models={"value": value.model} if value is not None else None,
+                 texts=contamination.user_texts(records))
 
 
 @torch.no_grad()
-def _prepare_advantages(cfg: RLVRConfig, accelerator, module, reference, prompts: list[dict], records: list[dict],
-                        scores: torch.Tensor, pad: int) -> dict:
+def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict], records: list[dict],
+                       scores: torch.Tensor, pad: int) -> dict:
     """Attach ``ref_logp`` (beta > 0), ``advantages`` (per token) and, for PPO, ``old_values`` and
     ``returns`` to the completion records (in place)."""
-    device = accelerator.device
+    device = run.accelerator.device
     size = cfg.per_device_train_batch_size
     metrics: dict[str, float] = {}
     forwards = []
     if reference is not None:
         forwards.append(("ref_logp", reference))
     if cfg.algorithm == "ppo":
-        forwards.append(("old_values", accelerator.unwrap_model(module).value))
+        forwards.append(("old_values", run.accelerator.unwrap_model(run.module).value))
     for key, net in forwards:
         was_training = net.training
         net.eval()
@@ -412,53 +298,8 @@ def _prepare_advantages(cfg: RLVRConfig, accelerator, module, reference, prompts
     if ref is not None:
         metrics["kl"] = float(((logp - ref) * mask).sum())
     if cfg.whiten_advantages:
-        adv = ppo.whiten(adv, mask, reduce_sum(accelerator, ppo.whiten_stats(adv, mask)))
+        adv = ppo.whiten(adv, mask, reduce_sum(run.accelerator, ppo.whiten_stats(adv, mask)))
     for i, r in enumerate(records):
         k = len(r["token_ids"])
         r["advantages"], r["returns"] = adv[i, :k].tolist(), returns[i, :k].tolist()
     return metrics
-
-
-def _update(cfg: RLVRConfig, accelerator, module, optimizer, batches: list[dict], n_items: float, params) -> dict:
-    """One optimizer step over the rollout batch (all micro-batches); returns summed metrics."""
-    import contextlib
-
-    world = accelerator.num_processes
-    sums = {"loss": 0.0, "clip_fraction": 0.0, "tokens": 0.0}
-    device = accelerator.device
-    for j, batch in enumerate(batches):
-        t = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        mask = t["labels"][:, 1:] != IGNORE
-        if "keep" in t:
-            mask = mask & (t["keep"] > 0)
-        inputs = model_inputs(batch, device)
-        sync = j == len(batches) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(module):
-            if cfg.algorithm == "grpo":
-                logp = module(*inputs)
-                per_token = grpo.token_losses(logp, t["old_logp"], t["advantages"], cfg.epsilon, cfg.epsilon_high,
-                                              cfg.beta, t.get("ref_logp"))
-                numerator, _ = grpo.aggregate(per_token, mask, cfg.loss_type, cfg.max_completion_length, t["seq_index"])
-            else:
-                logp, values = module(*inputs)
-                pg = grpo.token_losses(logp, t["old_logp"], t["advantages"], cfg.epsilon, cfg.epsilon_high)
-                vf = ppo.value_losses(values, t["old_values"], t["returns"], cfg.cliprange_value)
-                numerator = ((pg + cfg.vf_coef * vf) * mask).sum()
-                sums["value_loss"] = sums.get("value_loss", 0.0) + float((vf.detach() * mask).sum())
-            loss = numerator / max(n_items, 1.0)
-            accelerator.backward(loss * world)
-        with torch.no_grad():
-            ratio = torch.exp(logp - t["old_logp"])
-            high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-            clipped = ((ratio < 1 - cfg.epsilon) | (ratio > 1 + high)) & mask
-            sums["clip_fraction"] += float(clipped.sum())
-            if "ref_logp" in t and cfg.algorithm == "grpo":
-                sums["kl"] = sums.get("kl", 0.0) + float((grpo.k3_kl(logp, t["ref_logp"]) * mask).sum())
-            sums["tokens"] += float(mask.sum())
-        sums["loss"] += float(loss.detach())
-    if cfg.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sums
-

@@ -23,9 +23,11 @@ import torch
 from posttrain.config import SFTConfig
 from posttrain.data import chat, packing
 from posttrain.data.mixing import mix
+from posttrain.inference.logprobs import TokenLogProbs, collate
 from posttrain.models import load_model, load_tokenizer
-from posttrain.train.logprobs import TokenLogProbs, collate
-from posttrain.train.loop import Objective, Result, finished, log, train
+from posttrain.train import contamination
+from posttrain.train.loop import Objective, Result, RowSource, finished, train
+from posttrain.util import log
 
 
 def sft_objective(reduction: str) -> Objective:
@@ -98,5 +100,6 @@ def run_sft(cfg: SFTConfig, eval_fn=None) -> Result:
         eval_fn = eval_loss_fn(packing.unpacked(eval_samples), tokenizer.pad_token_id, cfg.per_device_eval_batch_size)
     model = load_model(cfg.model, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    return train(cfg, model, tokenizer, rows, lambda batch: collate(batch, tokenizer.pad_token_id),
-                 sft_objective(cfg.loss_reduction), stage="sft", data=lineage, data_stats=stats, eval_fn=eval_fn)
+    return train(cfg, model, tokenizer, RowSource(rows, lambda batch: collate(batch, tokenizer.pad_token_id)),
+                 sft_objective(cfg.loss_reduction), stage="sft", data=lineage, data_stats=stats, eval_fn=eval_fn,
+                 texts=contamination.user_texts(records))

@@ -3,7 +3,7 @@ tokens, posttrain's engine, the model's own chat template) to the 271 prompts of
 
     python tests/data/make_ifeval_responses.py    # about 15 minutes on 2 CPU cores
 
-The file is the input of tests/test_ifeval_agreement.py (ours against lm-evaluation-harness)."""
+The file is the input of tests/test_agreement.py (ours against lm-evaluation-harness)."""
 
 import json
 from pathlib import Path
@@ -12,7 +12,7 @@ from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.models import load_model, load_tokenizer, resolve
 
 HERE = Path(__file__).parent
-SOURCE = HERE.parents[1].parent / "shared" / "data" / "ifeval" / "ifeval_dev.jsonl"
+SOURCE = HERE.parents[1] / "data" / "ifeval" / "ifeval_dev.jsonl"
 
 if __name__ == "__main__":
     path = resolve("smollm2-135m-instruct")

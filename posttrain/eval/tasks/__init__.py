@@ -19,7 +19,7 @@ SUITES: dict[str, list[str]] = {
 }
 
 
-def resolve(names: list[str]) -> list[Task]:
+def resolve_tasks(names: list[str]) -> list[Task]:
     out = []
     for name in names:
         if name.startswith("suite:") or name in SUITES:

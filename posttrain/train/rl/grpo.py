@@ -16,13 +16,21 @@ For a prompt with ``G`` sampled completions and rewards ``r_1..r_G``:
   ``dr_grpo``: ``Σ_it L_it / (N · max_completion_length)`` (a constant denominator).
 
 ``aggregate`` returns the *numerator* for a micro-batch and names the count the training loop must
-sum over the whole global batch for the denominator, so that gradient accumulation and several
-processes give exactly the loss above (one division, by the global count).
+sum over the whole global batch for the denominator (``COUNTS``: the only source of it), so that
+gradient accumulation and several processes give exactly the loss above (one division, by the global
+count). ``batch_loss`` assembles it for a collated batch of RL rows (posttrain.train.rl.rows):
+the mask of completion tokens (less those of dropped zero-variance groups), the per-token losses, the
+aggregation and the division by the loop's global count.
 """
 
 from __future__ import annotations
 
 import torch
+
+from posttrain.inference.logprobs import IGNORE
+
+# the batch count the loop sums over the global batch for each aggregation's denominator
+COUNTS = {"token_mean": "num_tokens", "sequence_mean": "num_sequences", "dr_grpo": "num_sequences"}
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
@@ -64,7 +72,7 @@ def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
     return loss
 
 
-AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo")
+AGGREGATIONS = tuple(COUNTS)
 
 
 def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str, max_completion_length: int,
@@ -73,17 +81,48 @@ def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str, max_completio
     (summed over the global batch by the loop): ``"num_tokens"`` or ``"num_sequences"``; for
     ``dr_grpo`` the numerator is already divided by ``max_completion_length``. ``seq_index`` names
     the completion of every token when a row holds several (default: one completion per row)."""
+    if mode not in COUNTS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {AGGREGATIONS}")
     m = mask.to(losses.dtype)
     if mode == "token_mean":
-        return (losses * m).sum(), "num_tokens"
-    if mode == "sequence_mean":
-        if seq_index is None:
-            return ((losses * m).sum(1) / m.sum(1).clamp(min=1)).sum(), "num_sequences"
-        ids = seq_index[mask]
-        n = int(ids.max()) + 1 if ids.numel() else 0
-        sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, ids, losses[mask])
-        counts = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, ids, m[mask])
-        return (sums[counts > 0] / counts[counts > 0]).sum(), "num_sequences"
+        return (losses * m).sum(), COUNTS[mode]
     if mode == "dr_grpo":
-        return (losses * m).sum() / max_completion_length, "num_sequences"
-    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {AGGREGATIONS}")
+        return (losses * m).sum() / max_completion_length, COUNTS[mode]
+    if seq_index is None:
+        return ((losses * m).sum(1) / m.sum(1).clamp(min=1)).sum(), COUNTS[mode]
+    ids = seq_index[mask]
+    n = int(ids.max()) + 1 if ids.numel() else 0
+    sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, ids, losses[mask])
+    counts = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, ids, m[mask])
+    return (sums[counts > 0] / counts[counts > 0]).sum(), COUNTS[mode]
+
+
+def completion_mask(batch: dict) -> torch.Tensor:
+    """``[B, T-1]``: the completion tokens of a batch of RL rows that enter the loss (``keep`` drops
+    the tokens of zero-variance groups)."""
+    mask = batch["labels"][:, 1:] != IGNORE
+    return mask & (batch["keep"] > 0) if "keep" in batch else mask
+
+
+@torch.no_grad()
+def update_metrics(logp: torch.Tensor, batch: dict, mask: torch.Tensor, epsilon: float,
+                   epsilon_high: float | None) -> dict[str, float]:
+    """Sums for logging: clipped tokens, tokens, and the k3 KL when the batch has reference log-probs."""
+    ratio = torch.exp(logp - batch["old_logp"])
+    high = epsilon if epsilon_high is None else epsilon_high
+    clipped = ((ratio < 1 - epsilon) | (ratio > 1 + high)) & mask
+    out = {"clip_fraction": float(clipped.sum()), "tokens": float(mask.sum())}
+    if "ref_logp" in batch:
+        out["kl"] = float((k3_kl(logp, batch["ref_logp"]) * mask).sum())
+    return out
+
+
+def batch_loss(logp: torch.Tensor, batch: dict, num_items: float, *, loss_type: str, max_completion_length: int,
+               epsilon: float, epsilon_high: float | None, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of one micro-batch divided by the global count ``num_items`` (of ``COUNTS[loss_type]``),
+    and its metric sums."""
+    mask = completion_mask(batch)
+    per_token = token_losses(logp, batch["old_logp"], batch["advantages"], epsilon, epsilon_high, beta,
+                             batch.get("ref_logp"))
+    numerator, _ = aggregate(per_token, mask, loss_type, max_completion_length, batch.get("seq_index"))
+    return numerator / num_items, update_metrics(logp, batch, mask, epsilon, epsilon_high)

@@ -12,14 +12,20 @@ log-probs ``logp_t`` (rollout policy) and ``ref_t`` (initial policy), and a sequ
   all-reduces so that the mean and variance are those of the global batch.
 - value loss per token: ``½ max((V − R)², (clip(V, V_old − c, V_old + c) − R)²)``.
 
-The policy loss is GRPO's clipped surrogate (``grpo.token_losses``) with per-token advantages.
-Tensors are ``[N, T]`` with a mask of the completion tokens, which are contiguous within a row
+The policy loss is GRPO's clipped surrogate (``grpo.token_losses``) with per-token advantages; the
+loss of a batch (``batch_loss``) is ``Σ_t (L^clip_t + vf_coef · L^V_t) / N_tokens`` over the global
+batch's completion tokens (``grpo.aggregate``'s ``token_mean``). Tensors are ``[N, T]`` with a mask of
+the completion tokens, which are contiguous within a row
 (they may start at any column: the recursion is reset by the mask).
 """
 
 from __future__ import annotations
 
 import torch
+
+from posttrain.train.rl import grpo
+
+COUNT = grpo.COUNTS["token_mean"]  # the batch count of the loss's denominator
 
 
 def token_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor,
@@ -62,3 +68,16 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, stats: dict[str, float]) -> torc
 def value_losses(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange: float) -> torch.Tensor:
     clipped = old_values + (values - old_values).clamp(-cliprange, cliprange)
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def batch_loss(logp: torch.Tensor, values: torch.Tensor, batch: dict, num_items: float, *, epsilon: float,
+               epsilon_high: float | None, vf_coef: float, cliprange_value: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Policy + value loss of one micro-batch divided by the global token count ``num_items``, and
+    its metric sums."""
+    mask = grpo.completion_mask(batch)
+    pg = grpo.token_losses(logp, batch["old_logp"], batch["advantages"], epsilon, epsilon_high)
+    vf = value_losses(values, batch["old_values"], batch["returns"], cliprange_value)
+    numerator, _ = grpo.aggregate(pg + vf_coef * vf, mask, "token_mean", 0)
+    metrics = grpo.update_metrics(logp, batch, mask, epsilon, epsilon_high)
+    metrics["value_loss"] = float((vf.detach() * mask).sum())
+    return numerator / num_items, metrics

@@ -16,7 +16,7 @@ completions most of a GRPO update's tokens are prompt tokens. The attention of a
 share when the prompt is at least as long as the mean completion (``auto``), always, or never.
 
 Per-token fields (``old_logp``, ``ref_logp``, ``advantages``, ``keep`` ...) are lists aligned with each
-completion's tokens; ``collate`` scatters them into the ``[B, T-1]`` target layout of ``TokenLogProbs``
+completion's tokens; ``collate_rows`` scatters them into the ``[B, T-1]`` target layout of ``TokenLogProbs``
 (entry ``t`` belongs to token ``t+1``).
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.train.logprobs import IGNORE
+from posttrain.inference.logprobs import IGNORE
 
 
 def group_rows(prompt: list[int], completions: list[dict], share: str = "auto") -> list[dict]:
@@ -53,7 +53,7 @@ def _row(prompt: list[int], completions: list[dict]) -> dict:
             "num_sequences": len(completions), **fields}
 
 
-def collate(rows: list[dict], pad_id: int) -> dict:
+def collate_rows(rows: list[dict], pad_id: int) -> dict:
     """A padded batch: ``input_ids``, ``position_ids``, ``labels`` (completion tokens), a boolean
     ``attention_mask [B, 1, T, T]``, ``pred_index [B, T-1]`` (the predictor of token ``t+1``),
     ``seq_index [B, T-1]`` (which completion of the batch target ``t`` belongs to, ``-1`` if none),

@@ -89,9 +89,10 @@ class TokenLogProbs(nn.Module):
         else:
             picked = states[torch.arange(states.shape[0], device=states.device)[:, None].expand_as(pred_index)[sel],
                             pred_index[sel]]
-        logits = (self.model.get_output_embeddings()(picked) if self.fast else picked).float()
+        logits = self.model.get_output_embeddings()(picked) if self.fast else picked
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32 (float64 stays)
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        out = torch.zeros(target.shape, dtype=torch.float32, device=input_ids.device)
+        out = torch.zeros(target.shape, dtype=logits.dtype, device=input_ids.device)
         out[sel] = -F.cross_entropy(logits, target[sel], reduction="none")
         return out

@@ -1,0 +1,58 @@
+"""The RL reward of a completion: verifier scores combined with their weights and the optional terms.
+
+``score = reward_scale · w_v · verifier_v(text, ground_truth)`` (the prompt's record names its verifier
+``v``; ``verifier_weights`` gives ``w_v``, default 1) ``+ format_reward_weight · format(text)``
+``+ reward_model_weight · RM(prompt, completion)`` ``− unfinished_penalty`` when the completion hit
+the length limit without its end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from posttrain.rewards import get_verifier
+
+
+class Scorer:
+    """Sequence rewards for completions (``.text``, ``.token_ids``, ``.finish_reason``,
+    ``.prompt_index``) of prompts (``verifier``, ``ground_truth``, ``messages``), and their parts as
+    metric sums. ``reward_model`` scores conversations (a list of messages each) when given."""
+
+    def __init__(self, verifiers: list[str], *, verifier_weights: dict | None = None, reward_scale: float = 1.0,
+                 unfinished_penalty: float = 0.0, format_reward: str | None = None, format_reward_weight: float = 0.0,
+                 reward_model: Callable[[list[list[dict]]], list[float]] | None = None, reward_model_weight: float = 1.0,
+                 workers: int = 4):
+        self.verifiers = sorted(verifiers)
+        self.weights, self.scale, self.unfinished_penalty = dict(verifier_weights or {}), reward_scale, unfinished_penalty
+        self.format = get_verifier(format_reward) if format_reward else None
+        self.format_weight = format_reward_weight
+        self.reward_model, self.reward_model_weight = reward_model, reward_model_weight
+        self.pool = ThreadPoolExecutor(max_workers=workers)  # the code verifier waits on sandboxes
+
+    def __call__(self, prompts: list[dict], completions: list) -> tuple[torch.Tensor, dict[str, float]]:
+        owners = [prompts[c.prompt_index] for c in completions]
+        verified = list(self.pool.map(lambda pc: float(get_verifier(pc[0]["verifier"])(pc[1].text, pc[0]["ground_truth"])),
+                                      zip(owners, completions)))
+        scores = torch.tensor([self.scale * self.weights.get(p["verifier"], 1.0) * v for p, v in zip(owners, verified)],
+                              dtype=torch.float32)
+        unfinished = torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.float32)
+        scores -= self.unfinished_penalty * unfinished
+        metrics = {"verified": sum(verified), "unfinished": float(unfinished.sum()),
+                   "completion_tokens": float(sum(len(c.token_ids) for c in completions))}
+        for name in self.verifiers:  # every process reports every name, so the sums can be all-reduced
+            mine = [v for p, v in zip(owners, verified) if p["verifier"] == name]
+            metrics[f"verifier/{name}"], metrics[f"count/{name}"] = float(sum(mine)), float(len(mine))
+        if self.format is not None:
+            fmt = torch.tensor([self.format(c.text, None) for c in completions], dtype=torch.float32)
+            scores += self.format_weight * fmt
+            metrics["format"] = float(fmt.sum())
+        if self.reward_model is not None:
+            rm = torch.tensor(self.reward_model([p["messages"] + [{"role": "assistant", "content": c.text}]
+                                                 for p, c in zip(owners, completions)]), dtype=torch.float32)
+            scores += self.reward_model_weight * rm
+            metrics["reward_model"] = float(rm.sum())
+        metrics["reward"] = float(scores.sum())
+        return scores, metrics

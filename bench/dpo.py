@@ -53,16 +53,16 @@ def run_posttrain(model: str, data: Path, out: Path, args) -> tuple[float, float
 
     cfg = load_config(DPOConfig, base={
         "model": model, "output_dir": str(out), "datasets": [{"path": str(data)}], "loss_type": "dpo", "beta": 0.1,
-        "max_seq_length": args.max_length, "per_device_train_batch_size": args.batch, "max_steps": args.steps,
+        "max_seq_length": args.max_length, "per_device_train_batch_size": args.batch_size, "max_steps": args.steps,
         "learning_rate": 5e-7, "save_steps": 0, "logging_steps": 1, "overwrite_output_dir": True,
-        "per_device_eval_batch_size": args.batch, "gradient_checkpointing": args.gc})
+        "per_device_eval_batch_size": args.batch_size, "gradient_checkpointing": args.gc})
     os.environ["POSTTRAIN_CACHE"] = str(out / "cache")  # a fresh reference cache: time the reference pass
     t = time.perf_counter()
     run_dpo(cfg)
     total = time.perf_counter() - t
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_seconds = lines[-1]["elapsed_seconds"]
-    return rate([(x["elapsed_seconds"], x["step"] * args.batch) for x in lines]), total - train_seconds
+    return rate([(x["elapsed_seconds"], x["step"] * args.batch_size) for x in lines]), total - train_seconds
 
 
 def run_trl(model: str, data: Path, out: Path, args) -> tuple[float, float, float]:
@@ -80,12 +80,12 @@ def run_trl(model: str, data: Path, out: Path, args) -> tuple[float, float, floa
             begin.setdefault("t", time.perf_counter())
 
         def on_step_end(self, a, state, control, **kw):
-            points.append((time.perf_counter(), state.global_step * args.batch))
+            points.append((time.perf_counter(), state.global_step * args.batch_size))
 
-    config = DPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
+    config = DPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                        gradient_accumulation_steps=1, learning_rate=5e-7, beta=0.1, loss_type=["sigmoid"],
                        max_length=args.max_length, precompute_ref_log_probs=True,
-                       precompute_ref_batch_size=args.batch, use_cpu=True, bf16=False, fp16=False,
+                       precompute_ref_batch_size=args.batch_size, use_cpu=True, bf16=False, fp16=False,
                        logging_steps=args.steps, save_strategy="no", report_to=[], dataloader_num_workers=0,
                        seed=42, disable_tqdm=True, gradient_checkpointing=args.gc)
     t = time.perf_counter()
@@ -100,14 +100,14 @@ def child(args) -> None:
     """One run in this process; prints its figures as a JSON line."""
     quiet()
     run = run_posttrain if args.child == "posttrain" else run_trl
-    pairs_per_s, before = run(args.model, Path(args.data), Path(args.out), args)
+    pairs_per_s, before = run(args.model, Path(args.data), Path(args.output), args)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"pairs_per_s": pairs_per_s, "peak_mib": peak_mib, "before_s": before}), flush=True)
 
 
 def spawn(which: str, model: str, data: Path, out: Path, args) -> tuple[float, float, float]:
-    cmd = [sys.executable, __file__, "--child", which, "--model", model, "--data", str(data), "--out", str(out),
-           "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length)]
+    cmd = [sys.executable, __file__, "--child", which, "--model", model, "--data", str(data), "--output", str(out),
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
     cmd += ["--gc"] if args.gc else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--models", default="tiny,smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: 30 tiny, 5 SmolLM2)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4, help="pairs per step")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--gradient-checkpointing", default="off,on",
@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--child", choices=["posttrain", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
@@ -161,7 +161,7 @@ def main() -> None:
                       f"pairs/s, peak {theirs[-1][1]:.0f} MiB, before training {theirs[-1][2]:.1f} s", flush=True)
             med = lambda runs, i: statistics.median(x[i] for x in runs)  # noqa: E731
             rows.append((name, gc, med(ours, 0), med(theirs, 0), med(ours, 1), med(theirs, 1)))
-    print(f"\n{len(pairs)} hh-rlhf pairs, batch {args.batch} pairs, max length {args.max_length}, fp32, CPU")
+    print(f"\n{len(pairs)} hh-rlhf pairs, batch {args.batch_size} pairs, max length {args.max_length}, fp32, CPU")
     print("| model | gradient checkpointing | posttrain pairs/s | TRL pairs/s | ratio | posttrain peak RSS MiB | "
           "TRL peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")

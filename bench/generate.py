@@ -80,7 +80,7 @@ def run(name: str, path: str, batch: int, new_tokens: int, rounds: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,smollm2")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
@@ -95,7 +95,7 @@ def main() -> None:
                 from posttrain.models import resolve
 
                 path = resolve("smollm2-135m-instruct")
-            r = run(name, path, args.batch, args.new_tokens, args.rounds)
+            r = run(name, path, args.batch_size, args.new_tokens, args.rounds)
             results.append(r)
             print(json.dumps(r), flush=True)
     print("\n| model | batch | engine tok/s | generate tok/s | ratio | bandwidth limit tok/s | engine / limit |")

@@ -4,7 +4,7 @@
     python bench/grpo.py --models smollm2 --steps 4 --rounds 1
 
 Same model, prompts (GSM8K train questions as chat), G = --generations completions per prompt,
---batch completions per step (one optimizer step per rollout batch, no accumulation),
+--batch-size completions per step (one optimizer step per rollout batch, no accumulation),
 --completion-length new tokens at temperature 1, the same reward (posttrain's ``gsm8k`` verifier),
 beta 0, fp32, CPU; TRL with ``use_vllm=False``, ``use_cpu=True``, ``bf16=False`` and gradient
 checkpointing off like ours. Rollouts/s = completions per second over the steps after the first
@@ -44,12 +44,12 @@ def run_posttrain(model: str, data: Path, out: Path, args) -> float:
 
     cfg = load_config(RLVRConfig, base={
         "model": model, "output_dir": str(out), "overwrite_output_dir": True, "datasets": [{"path": str(data)}],
-        "num_generations": args.generations, "per_device_train_batch_size": args.batch,
-        "max_completion_length": args.completion_length, "generation_batch_size": args.batch, "max_steps": args.steps,
+        "num_generations": args.generations, "per_device_train_batch_size": args.batch_size,
+        "max_completion_length": args.completion_length, "generation_batch_size": args.batch_size, "max_steps": args.steps,
         "learning_rate": 1e-6, "save_steps": 0, "temperature": 1.0, "loss_type": "token_mean"})
     run_rlvr(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    points = [(r["elapsed_seconds"], r["step"] * args.batch) for r in rows]
+    points = [(r["elapsed_seconds"], r["step"] * args.batch_size) for r in rows]
     return rate(points)
 
 
@@ -72,11 +72,11 @@ def run_trl(model: str, data: Path, out: Path, args) -> float:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            points.append((time.perf_counter() - self.t0, state.global_step * args.batch))
+            points.append((time.perf_counter() - self.t0, state.global_step * args.batch_size))
 
     ds = load_dataset("json", data_files=str(data), split="train").remove_columns(["messages", "verifier"])
-    config = GRPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
-                        num_generations=args.generations, generation_batch_size=args.batch,
+    config = GRPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                        num_generations=args.generations, generation_batch_size=args.batch_size,
                         max_completion_length=args.completion_length, learning_rate=1e-6, beta=0.0,
                         temperature=1.0, use_vllm=False, use_cpu=True, bf16=False, gradient_checkpointing=False,
                         report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, loss_type="bnpo")
@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--models", default="tiny,smollm2")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--batch", type=int, default=16, help="completions per step")
+    p.add_argument("--batch-size", type=int, default=16, help="completions per step")
     p.add_argument("--completion-length", type=int, default=32)
     p.add_argument("--rounds", type=int, default=1)
     args = p.parse_args()
@@ -117,7 +117,7 @@ def main() -> None:
             r["ratio"] = round(r["posttrain_rollouts_s"] / r["trl_rollouts_s"], 2)
             results.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\nG={args.generations}, {args.batch} completions/step, {args.completion_length} new tokens, {args.steps} steps")
+    print(f"\nG={args.generations}, {args.batch_size} completions/step, {args.completion_length} new tokens, {args.steps} steps")
     print("| model | posttrain rollouts/s | TRL GRPOTrainer rollouts/s | ratio |\n|---|---|---|---|")
     for r in results:
         print(f"| {r['model']} | {r['posttrain_rollouts_s']} | {r['trl_rollouts_s']} | {r['ratio']}x |")

@@ -5,7 +5,7 @@
 
 Both train on GSM8K solutions (data/gsm8k/train.jsonl) rendered with the model's chat
 template, loss on the assistant reply only, packed to --max-length tokens per row, batch
---batch rows, fp32, on the CPU. Throughput counts non-padding input tokens per second of training
+--batch-size rows, fp32, on the CPU. Throughput counts non-padding input tokens per second of training
 steps, leaving out the first step of each run (warm-up). Achieved FLOP/s = 6 x parameters x
 tokens/s, compared with a fp32 matmul measured in the same process.
 """
@@ -49,7 +49,7 @@ def run_posttrain(model: str, data: Path, out: Path, args) -> float:
 
     cfg = load_config(SFTConfig, base={
         "model": model, "output_dir": str(out), "datasets": [{"path": str(data)}], "packing": True,
-        "max_seq_length": args.max_length, "per_device_train_batch_size": args.batch, "max_steps": args.steps,
+        "max_seq_length": args.max_length, "per_device_train_batch_size": args.batch_size, "max_steps": args.steps,
         "learning_rate": 2e-5, "save_steps": 0, "logging_steps": 1, "overwrite_output_dir": True,
         "gradient_checkpointing": args.gc})
     run_sft(cfg)
@@ -73,7 +73,7 @@ def run_trl(model: str, data: Path, out: Path, args) -> float:
         def on_step_end(self, a, state, control, **kw):
             points.append((time.perf_counter() - self.t0, state.num_input_tokens_seen))
 
-    config = SFTConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
+    config = SFTConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                        gradient_accumulation_steps=1, learning_rate=2e-5, max_length=args.max_length, packing=True,
                        use_cpu=True, bf16=False, fp16=False, logging_steps=args.steps, save_strategy="no", report_to=[],
                        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, seed=42,
@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--models", default="tiny,smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: 30 tiny, 4 SmolLM2)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (posttrain, TRL, posttrain, TRL, ...)")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--examples", type=int, default=400)
     p.add_argument("--gradient-checkpointing", default="off,on",
@@ -127,7 +127,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, gc, n, o, t, frac in rows:
         print(f"| {name} | {gc} | {n / 1e6:.1f}M | {o:.1f} | {t:.1f} | {o / t:.2f}x | {frac:.0%} |")
-    print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s; batch {args.batch} x {args.max_length} tokens, packed, fp32; "
+    print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s; batch {args.batch_size} x {args.max_length} tokens, packed, fp32; "
           f"torch {torch.__version__}, transformers {transformers.__version__}", file=sys.stdout)
 
 

@@ -100,13 +100,13 @@ def cmd_soup(args) -> None:
     from posttrain.train.soup import soup
 
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    print(soup(args.checkpoints, args.out, weights))
+    print(soup(args.checkpoints, args.output, weights))
 
 
 def cmd_demo(args) -> None:
     from posttrain.demo import run_demo
 
-    run_demo(args.out, args.overrides)
+    run_demo(args.output, args.overrides)
 
 
 def cmd_model_tiny(args) -> None:
@@ -127,9 +127,9 @@ def cmd_model_tiny(args) -> None:
         from posttrain.data.synth.arithmetic import addition_problems, addition_record
 
         texts = [str(addition_record(a, b)) for a, b in addition_problems(100, digits=1)]
-    build_tiny(args.out, texts, vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
+    build_tiny(args.output, texts, vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
                num_heads=args.heads, num_kv_heads=args.kv_heads, seed=args.seed)
-    print(args.out)
+    print(args.output)
 
 
 def cmd_model_prepare(args) -> None:
@@ -204,7 +204,7 @@ def parser() -> argparse.ArgumentParser:
 
     so = sub.add_parser("soup", help="average the weights of several checkpoints")
     so.add_argument("checkpoints", nargs="+")
-    so.add_argument("--out", required=True)
+    so.add_argument("--output", required=True, help="directory of the averaged model")
     so.add_argument("--weights", help="comma-separated weights, one per checkpoint (default: equal)")
     so.set_defaults(func=cmd_soup)
 
@@ -214,14 +214,14 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on its embedded default: the whole recipe (midtrain, anneal, SFT, "
                        "on-policy DPO, GRPO, evaluations, majority voting) on a tiny model, on CPU")
-    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    d.add_argument("--output", default="runs/demo", help="output directory (default: runs/demo)")
     d.add_argument("overrides", nargs="*", help="STAGE.key=value overrides of posttrain/recipes/demo.yaml")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("model", help="build or prepare models")
     msub = m.add_subparsers(dest="model_command", required=True)
     t = msub.add_parser("tiny", help="a few-layer Llama with a BPE tokenizer trained on the fly (tests, demos)")
-    t.add_argument("--out", required=True)
+    t.add_argument("--output", required=True)
     t.add_argument("--text", action="append", help="text file(s) to train the tokenizer on, one example per line")
     t.add_argument("--vocab-size", type=int, default=512)
     t.add_argument("--hidden-size", type=int, default=64)

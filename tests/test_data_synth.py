@@ -69,7 +69,7 @@ def test_majority_vote_groups_equal_answers_and_keeps_agreeing_solutions():
         selfconsistency.vote([{"messages": [], "verifier": "gsm8k"}])
 
 
-def test_solve_then_selfconsistency_commands_on_a_scripted_endpoint(tmp_path):
+def test_solve_then_selfconsistency_commands_on_a_scripted_endpoint(tmp_path, capsys):
     def reply(text, k, sampling):  # right 3 times in 4 on even questions, scattered on odd ones
         k += sampling.seed  # through the endpoint each sample is a request of its own, seed = seed + sample
         n = int(re.search(r"q(\d+)", text).group(1))
@@ -82,6 +82,7 @@ def test_solve_then_selfconsistency_commands_on_a_scripted_endpoint(tmp_path):
                      "--output", str(tmp_path / "sol")]) == 0
     finally:
         server.shutdown()
+    assert "data solve (engine): 100%" in capsys.readouterr().err  # progress with ETA on stderr
     solved = [json.loads(x) for x in (tmp_path / "sol" / "records.jsonl").read_text().splitlines()]
     assert [len(r["solutions"]) for r in solved] == [4] * 6 and solved[0]["ground_truth"] == "0"
     assert solved[0]["solutions"][0]["answer"] == "0" and solved[1]["solutions"][3]["answer"] == "13"

@@ -9,7 +9,7 @@ from posttrain.demo import run_demo
 def test_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     small = ["midtrain.max_steps=20", "anneal.total_tokens=5120", "sft.max_steps=200", "dpo.max_steps=5",
              "rlvr.max_steps=5", "tts.majority=[1,3]"]
-    assert main(["demo", "--out", str(tmp_path / "full")] + small) == 0
+    assert main(["demo", "--output", str(tmp_path / "full")] + small) == 0
     root = tmp_path / "full"
     stages = json.loads((root / "summary.json").read_text())
     assert [s["stage"] for s in stages] == ["base", "midtrain", "anneal", "sft", "dpo", "rlvr", "rlvr + majority@3"]

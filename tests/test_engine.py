@@ -85,3 +85,44 @@ def test_top_k_and_top_p_match_transformers_warpers():
         if p < 1:
             want = TopPLogitsWarper(p)(None, want)
         assert torch.equal(truncate(logits, k, p).isinf(), want.isinf()), (k, p)
+
+
+def test_a_sampled_completion_does_not_depend_on_its_batch(addition_sft_model):
+    """Each completion draws from its own stream keyed by (seed, prompt, occurrence, sample): the same
+    prompt gives the same samples alone, among others, in another order or batch size; equal prompts
+    in one call get different samples; another seed changes them."""
+    model, tok = load_model(addition_sft_model), load_tokenizer(addition_sft_model)
+    prompts = [r["messages"][:1] for r in addition_records(40)[:8]]
+    sampling = SamplingParams(max_new_tokens=5, temperature=1.5, seed=11, n=3)
+
+    def tokens(engine, ps):
+        return [tuple(o.token_ids) for o in engine.generate(ps, sampling)]
+
+    together = tokens(TransformersEngine(model, tok, batch_size=8), prompts)
+    alone = [t for p in prompts for t in tokens(TransformersEngine(model, tok, batch_size=2), [p])]
+    reversed_ = tokens(TransformersEngine(model, tok, batch_size=5), prompts[::-1])
+    assert together == alone
+    assert together == [t for i in range(7, -1, -1) for t in reversed_[3 * i:3 * i + 3]]
+    assert len(set(together)) > len(together) // 2  # temperature 1.5: samples differ
+    twice = tokens(TransformersEngine(model, tok, batch_size=8), [prompts[0], prompts[0]])
+    assert twice[:3] == together[:3] and twice[3:] != twice[:3]
+    other = [tuple(o.token_ids) for o in TransformersEngine(model, tok, batch_size=8).generate(
+        prompts, SamplingParams(max_new_tokens=5, temperature=1.5, seed=12, n=3))]
+    assert other != together
+
+
+def test_sampling_frequencies_follow_the_model_distribution(addition_sft_model):
+    """2,000 one-token samples at temperature 2 against softmax(logits / 2) of a forward: every token's
+    frequency within 4 standard errors, sqrt(p (1 - p) / n), of its probability (seeded: the draw is
+    fixed, so the check is exact to repeat)."""
+    model, tok = load_model(addition_sft_model), load_tokenizer(addition_sft_model)
+    prompt = [{"role": "user", "content": "What is 3 + 4?"}]
+    outs = TransformersEngine(model, tok, batch_size=500).generate(
+        [prompt], SamplingParams(max_new_tokens=1, temperature=2.0, seed=5, n=2000))
+    ids = torch.tensor([chat.prompt_ids(tok, prompt)])
+    with torch.no_grad():
+        probs = torch.softmax(model(ids).logits[0, -1].double() / 2.0, -1)
+    counts = torch.bincount(torch.tensor([o.token_ids[0] for o in outs]), minlength=probs.numel()).double()
+    freq, n = counts / 2000, 2000
+    assert ((freq - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt() + 1e-12).all()
+    assert int((counts > 0).sum()) >= 5  # a spread-out distribution, not a near-greedy one

@@ -215,9 +215,13 @@ def test_judge_winrate_with_an_endpoint_and_skipped_without(sft_model, tmp_path)
 def test_command_line(sft_model, thinker, tmp_path, capsys):
     from posttrain.cli import main
 
-    assert main(["eval", "--model", str(sft_model), "--tasks", "gsm8k", "--limit", "2", "--data", f"gsm8k={GSM8K}",
-                 "--output", str(tmp_path / "e")]) == 0
-    assert json.loads((tmp_path / "e" / "results.json").read_text())["results"]["gsm8k"]["instances"] == 2
+    assert main(["eval", "--model", str(sft_model), "--tasks", "gsm8k", "--limit", "3", "--data", f"gsm8k={GSM8K}",
+                 "--max-new-tokens", "3", "--output", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["results"]["gsm8k"]["instances"] == 3
+    samples = [json.loads(x) for x in (tmp_path / "e" / "samples.jsonl").read_text().splitlines()]
+    assert max(s["output_tokens"] for s in samples) <= 3  # --max-new-tokens caps the task's own 512
+    err = capsys.readouterr().err
+    assert "eval gsm8k: 100%" in err and "3/3" in err  # the progress bar (count, rate, ETA) on stderr
     assert main(["eval", "--model", str(sft_model), "--tasks", "gsm8k", "--data", "gsm8k"]) == 2
     assert "expected TASK=PATH" in capsys.readouterr().err
     assert main(["eval", "--tasks", "gsm8k"]) == 2
@@ -229,4 +233,5 @@ def test_command_line(sft_model, thinker, tmp_path, capsys):
                  "--think-start", "", "--output", str(tmp_path / "t")]) == 0
     points = json.loads((tmp_path / "t" / "results.json").read_text())["points"]
     assert [p["mean_thinking_tokens"] for p in points] == [2.0, 4.0]
+    assert "tts max_thinking 4" in capsys.readouterr().err
     assert main(["tts", "--model", str(tmp_path / "m"), "--task", "gsm8k", "--max-thinking", "a,b"]) == 2

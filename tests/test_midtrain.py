@@ -100,7 +100,7 @@ def test_arithmetic_generators_and_disjoint_heldout(tmp_path):
     assert ar.worked_solution("sub", 31, 58).endswith("#### -27")
     with pytest.raises(ValueError, match="also in training data"):
         ar.check_disjoint(["What is 1 + 2?"], ["What is 1 + 2?"])
-    assert main(["data", "arithmetic", "--out", str(tmp_path / "d"), "--train", "50", "--heldout", "20"]) == 0
+    assert main(["data", "arithmetic", "--output", str(tmp_path / "d"), "--train", "50", "--heldout", "20"]) == 0
     read = lambda name: [json.loads(x) for x in (tmp_path / "d" / name).read_text().splitlines()]  # noqa: E731
     train_q = {r["messages"][0]["content"] for r in read("sft.jsonl")} | {r["messages"][0]["content"] for r in read("rlvr.jsonl")}
     held_q = {r["messages"][0]["content"] for r in read("heldout.jsonl")}

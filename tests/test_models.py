@@ -14,7 +14,7 @@ def test_tiny_model_from_the_cli(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"the number {i} is {'even' if i % 2 == 0 else 'odd'}" for i in range(200)))
     out = tmp_path / "tiny"
-    assert main(["model", "tiny", "--out", str(out), "--text", str(corpus), "--vocab-size", "300",
+    assert main(["model", "tiny", "--output", str(out), "--text", str(corpus), "--vocab-size", "300",
                  "--hidden-size", "32", "--layers", "1"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)

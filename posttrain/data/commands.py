@@ -60,7 +60,7 @@ def cmd_arithmetic(args) -> None:
     from posttrain.atomic import write_json, write_text
     from posttrain.data.synth import arithmetic as ar
 
-    out = Path(args.out)
+    out = Path(args.output)
     files: dict[str, list[str]] = {"corpus.txt": [], "sft.jsonl": [], "rlvr.jsonl": [], "heldout.jsonl": []}
     counts = {}
     for op in [o.strip() for o in args.ops.split(",") if o.strip()]:
@@ -156,7 +156,7 @@ def cmd_self_instruct(args) -> None:
     for i, t in enumerate(seeds):
         if not isinstance(t.get("instruction"), str):
             raise UserError(f"{args.seed_tasks}: record {i + 1}: field 'instruction' (a string) is required")
-    records, stats = bootstrap(seeds, _engine(args.engine, args), args.n, args.engine, batch=args.batch,
+    records, stats = bootstrap(seeds, _engine(args.engine, args), args.n, args.engine, batch=args.requests_per_round,
                                temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
     _write(args, {"records.jsonl": records}, {"stats": stats})
 
@@ -175,7 +175,7 @@ def _common(p, engine: bool = True, sampling: bool = True) -> None:
 
 def add_parsers(dsub) -> None:
     ar = dsub.add_parser("arithmetic", help="synthetic verifiable math: corpus, SFT, RLVR and disjoint held-out sets")
-    ar.add_argument("--out", required=True)
+    ar.add_argument("--output", required=True)
     ar.add_argument("--ops", default="add,sub,mul", help="comma-separated: add, sub, mul")
     ar.add_argument("--digits", type=int, default=2, help="digits per operand at most (difficulty)")
     ar.add_argument("--train", type=int, default=1000, help="training problems per operation")
@@ -244,6 +244,6 @@ def add_parsers(dsub) -> None:
     si.add_argument("--seed-tasks", required=True, help="JSONL with 'instruction' (self-instruct's seed_tasks.jsonl)")
     si.add_argument("--engine", required=True)
     si.add_argument("--n", type=int, default=500)
-    si.add_argument("--batch", type=int, default=8, help="generation requests per round")
+    si.add_argument("--requests-per-round", type=int, default=8, help="generation requests per round")
     _common(si)
     si.set_defaults(func=cmd_self_instruct)

@@ -62,7 +62,7 @@ def loglikelihood_samples(task: Task, model, tokenizer, instances: list[dict], b
             owners.append((inst["index"], j))
     rows = packing.unpacked(rows)
     logps = []
-    for i in tqdm(range(0, len(rows), batch_size), desc=f"eval {task.name}", unit="batch", dynamic_ncols=True, leave=False):
+    for i in tqdm(range(0, len(rows), batch_size), desc=f"eval {task.name}", unit="batch", dynamic_ncols=True):
         b = collate(rows[i:i + batch_size], tokenizer.pad_token_id)
         logp = scorer(b["input_ids"].to(model.device), b["position_ids"].to(model.device), b["labels"].to(model.device))
         logps += per_sample(logp, b["sample_ids"].to(model.device), b["num_samples"]).tolist()

@@ -11,8 +11,12 @@ tokenizer's stop ids (``chat.stop_token_ids``), at the end of one of ``SamplingP
 completions per prompt, prompt-major.
 
 Sampling follows ``generate``: logits / temperature, then top-k, then top-p (nucleus: the smallest
-set of tokens whose probability reaches ``top_p``), then a draw from a ``torch.Generator`` seeded with
-``SamplingParams.seed`` (the global RNG is left alone). ``temperature = 0`` is greedy.
+set of tokens whose probability reaches ``top_p``), then a draw. ``temperature = 0`` is greedy. The
+draws of a completion come from its own stream of uniforms, seeded by ``(SamplingParams.seed, the
+prompt's tokens, its occurrence among equal prompts of the call, the sample index)``: a completion
+does not depend on which other prompts share the call or the batch (as vLLM's per-request seeds), so
+a batch split across processes samples what one process would (for the static decoder; other models
+draw through ``model.generate`` from a generator seeded with ``seed``). The global RNG is left alone.
 
 ``Completion.logprobs[k]`` is the log-probability of ``token_ids[k]`` under the model's
 distribution at the sampling temperature (``log_softmax(logits / T)``, ``T = 1`` for greedy),
@@ -26,6 +30,9 @@ on stderr (evaluation, test-time scaling and the data commands set one; RL rollo
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -54,11 +61,17 @@ class Completion:
     logprobs: list[float] = field(default_factory=list, repr=False)
 
 
+def completion_seed(seed: int, prompt_ids: list[int], occurrence: int, sample: int) -> int:
+    """The seed of one completion's stream of uniforms (see the module docstring)."""
+    key = hashlib.sha256(json.dumps([seed, list(prompt_ids), occurrence, sample]).encode()).digest()
+    return int.from_bytes(key[:8], "little") >> 1
+
+
 def progress_bar(label: str | None, total: int):
     """A tqdm bar (count, rate, ETA) on stderr labelled ``label``; a silent one when ``label`` is None."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=label, unit="completion", disable=label is None, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=label, unit="completion", disable=label is None, dynamic_ncols=True)
 
 
 def truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -102,7 +115,14 @@ class TransformersEngine:
     @torch.no_grad()
     def generate(self, prompts: list, sampling: SamplingParams | None = None) -> list[Completion]:
         sampling = sampling or SamplingParams()
-        encoded = [(i, self.encode(p)) for i, p in enumerate(prompts) for _ in range(sampling.n)]
+        encoded, keys, seen = [], [], Counter()
+        for i, p in enumerate(prompts):
+            ids = self.encode(p)
+            occurrence = seen[tuple(ids)]
+            seen[tuple(ids)] += 1
+            for j in range(sampling.n):
+                encoded.append((i, ids))
+                keys.append(completion_seed(sampling.seed, ids, occurrence, j))
         order = sorted(range(len(encoded)), key=lambda j: (len(encoded[j][1]), j))
         was_training = self.model.training
         self.model.eval()
@@ -115,7 +135,7 @@ class TransformersEngine:
         try:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
-                new, logprobs = self._batch([encoded[j][1] for j in chunk], sampling, generator)
+                new, logprobs = self._batch([encoded[j][1] for j in chunk], sampling, generator, [keys[j] for j in chunk])
                 for r, j in enumerate(chunk):
                     results[j] = self._completion(new[r], logprobs[r], encoded[j][0], sampling.stop)
                 bar.update(len(chunk))
@@ -138,16 +158,20 @@ class TransformersEngine:
             attention[r, width - len(ids):] = 1
         return input_ids.to(self.model.device), attention.to(self.model.device)
 
-    def _batch(self, prompts: list[list[int]], sampling: SamplingParams, generator) -> tuple[list, list]:
+    def _batch(self, prompts: list[list[int]], sampling: SamplingParams, generator, keys: list[int]) -> tuple[list, list]:
         width = max(len(ids) for ids in prompts)
         if static_decoder.supports(self.model, width + sampling.max_new_tokens):
             distinct: dict[tuple, int] = {}
             rows = torch.tensor([distinct.setdefault(tuple(ids), len(distinct)) for ids in prompts])
             input_ids, attention = self._left_padded([list(ids) for ids in distinct])
-            return self._decode_static(input_ids, attention, sampling, generator, rows.to(self.model.device))
+            uniforms = None
+            if sampling.temperature > 0:
+                uniforms = torch.stack([torch.rand(sampling.max_new_tokens, dtype=torch.float64,
+                                                   generator=torch.Generator().manual_seed(k)) for k in keys])
+            return self._decode_static(input_ids, attention, sampling, uniforms, rows.to(self.model.device))
         return self._decode_generate(*self._left_padded(prompts), sampling, generator)
 
-    def _decode_static(self, input_ids, attention, sampling: SamplingParams, generator, rows) -> tuple[list, list]:
+    def _decode_static(self, input_ids, attention, sampling: SamplingParams, uniforms, rows) -> tuple[list, list]:
         B = rows.shape[0]
         temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         stop_ids = torch.tensor(self.stop_ids, device=input_ids.device)
@@ -158,9 +182,10 @@ class TransformersEngine:
 
         def pick(logits: torch.Tensor):
             scaled = logits / temperature
-            if sampling.temperature > 0:
-                probs = truncate(scaled, sampling.top_k, sampling.top_p).softmax(-1)
-                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if sampling.temperature > 0:  # inverse CDF at each completion's own uniform
+                cdf = truncate(scaled, sampling.top_k, sampling.top_p).softmax(-1).double().cumsum(-1)
+                u = uniforms[:, len(steps)].to(cdf.device)[:, None] * cdf[:, -1:]
+                tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
             else:
                 tokens = logits.argmax(-1)
             logprobs.append(torch.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(1))

@@ -8,7 +8,8 @@ One step:
    a resumed run continues with the same prompts.
 2. **Rollouts.** The engine (posttrain.inference.engine, the policy's current weights) samples
    ``num_generations`` completions per prompt at ``temperature`` / ``top_p`` / ``top_k``, up to
-   ``max_completion_length`` tokens, with a seed derived from ``(seed, step, process)``. The engine's
+   ``max_completion_length`` tokens, with a seed derived from ``(seed, step)`` (each completion draws from
+   its own stream, keyed by its prompt: N processes sample what one would). The engine's
    per-token log-probs are the "old" log-probs (the policy has not changed since sampling).
 3. **Rewards.** ``score = reward_scale * w_v · verifier_v(text, ground_truth)`` (each record names
    its verifier; ``verifier_weights`` gives ``w_v``, default 1) ``+ format_reward_weight · format``
@@ -192,7 +193,7 @@ class Rollouts:
         mine = self.select(step, run.rank, run.world)
         sampling = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.num_generations,
-                                  seed=(cfg.seed * 1_000_003 + step) * 257 + run.rank)
+                                  seed=cfg.seed * 1_000_003 + step)  # per-prompt streams: any process split samples alike
         completions = self.engine.generate([p["ids"] for p in mine], sampling)
         t_gen = time.time() - t0
         scores, sums = self.scorer(mine, completions)

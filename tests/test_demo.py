@@ -21,6 +21,12 @@ def test_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     for name in ("sft.jsonl", "rlvr.jsonl"):
         assert not held & {json.loads(x)["messages"][0]["content"] for x in (root / "data" / name).read_text().splitlines()}
     assert (root / "report.md").is_file() and (root / "loss-sft.png").is_file()
+    # every trained model carries its contamination report, checked against the held-out file
+    reports = {name: json.loads((root / name / "manifest.json").read_text())["contamination"]
+               for name in ("midtrain", "anneal", "sft", "dpo", "rlvr")}
+    assert all(r["against"] == {"verifiable": 100} for r in reports.values())
+    assert reports["sft"]["records"] == 200 and reports["rlvr"]["records"] == 400
+    assert "## Contamination" in (root / "report.md").read_text()
     assert (root / "summary.png").read_bytes()[:4] == b"\x89PNG" and (root / "tts" / "tts.png").is_file()
     again = run_demo(str(root), small)
     ran = json.loads((root / "stages.json").read_text())

@@ -144,3 +144,49 @@ def test_nothing_in_the_repository_reads_outside_it():
             if any(n in text for n in needles):
                 offenders.append(name)
     assert offenders == []
+
+
+def imports_of(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every import statement of a file (``names`` empty for ``import x``)."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+    return out
+
+
+def test_layers_and_names():
+    package = ROOT / "posttrain"
+    lower = ("data", "inference", "eval", "rewards")
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package).parts
+        for module, names in imports_of(path):
+            if rel[0] in lower or rel[0] in ("models.py", "util.py", "config.py", "templates.py"):
+                assert not module.startswith("posttrain.train"), f"{path}: imports {module}"
+            if rel[0] == "models.py":
+                assert not module.startswith("posttrain.data"), f"{path}: imports {module}"
+            if rel[0] not in ("cli.py", "demo.py"):  # the entry points on top
+                assert not module.startswith(("posttrain.cli", "posttrain.pipeline")), f"{path}: imports {module}"
+            if module.startswith("posttrain") and module != "__future__":
+                private = [n for n in names if n.startswith("_")]
+                assert not private, f"{path}: imports private {private} from {module}"
+    for path in (ROOT / "tests").glob("*.py"):
+        for module, names in imports_of(path):
+            if module.startswith("posttrain"):
+                assert not [n for n in names if n.startswith("_")], f"{path}: imports private names from {module}"
+    # one public function per name (these three once meant different things in different modules)
+    import ast
+
+    defined: dict[str, list[str]] = {}
+    for path in package.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                defined.setdefault(node.name, []).append(str(path.relative_to(package)))
+    for name in ("collate", "model_fingerprint", "resolve", "log"):
+        assert len(defined.get(name, [])) <= 1, (name, defined.get(name))
+    calls = [p for p in package.rglob("*.py") if "backward(" in p.read_text()]
+    assert [str(p.relative_to(package)) for p in calls] == ["train/loop.py"]  # one training loop

@@ -83,3 +83,37 @@ def test_aggregations_by_hand_and_split_invariance():
         assert parts / counts[key] == pytest.approx(value, rel=1e-12)
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         aggregate(losses, mask, "mean", 7)
+
+
+def test_batch_loss_assembles_masks_and_the_global_denominator_by_hand():
+    """Two rows: row 0 holds completions 0 (2 tokens) and 1 (1 token), row 1 completion 2 (2 tokens,
+    dropped by ``keep``); ratio 1 everywhere, so L_it = -A_i (no clipping, beta 0)."""
+    from posttrain.train.rl import ppo
+    from posttrain.train.rl.grpo import COUNTS, batch_loss
+
+    labels = torch.tensor([[3, -100, 5, 6, 7, -100], [3, 8, 9, -100, -100, -100]])  # [B, T]; targets are labels[:, 1:]
+    seq = torch.tensor([[-1, 0, 0, 1, -1], [2, 2, -1, -1, -1]])  # target t belongs to completion seq[t]
+    adv = torch.tensor([[0.0, 1.0, 1.0, -2.0, 0.0], [4.0, 4.0, 0.0, 0.0, 0.0]])
+    keep = (seq >= 0) & (seq != 2)
+    batch = {"labels": labels, "seq_index": seq, "advantages": adv, "old_logp": torch.zeros(2, 5),
+             "keep": keep.float()}
+    logp = torch.zeros(2, 5, requires_grad=True)
+    kw = dict(max_completion_length=4, epsilon=0.2, epsilon_high=None, beta=0.0)
+    # token_mean over a global count of 10 tokens: (-1 - 1 + 2) / 10 = 0
+    loss, metrics = batch_loss(logp, batch, 10.0, loss_type="token_mean", **kw)
+    assert float(loss) == 0.0 and metrics["tokens"] == 3.0 and metrics["clip_fraction"] == 0.0
+    # sequence_mean over 4 sequences: completion 0 mean -1, completion 1 mean 2 -> (−1 + 2) / 4
+    loss, _ = batch_loss(logp, batch, 4.0, loss_type="sequence_mean", **kw)
+    assert float(loss) == pytest.approx(0.25)
+    # dr_grpo: (sum of kept token losses) / max_completion_length / 4 sequences = 0
+    loss, _ = batch_loss(logp, batch, 4.0, loss_type="dr_grpo", **kw)
+    assert float(loss) == 0.0
+    assert COUNTS == {"token_mean": "num_tokens", "sequence_mean": "num_sequences", "dr_grpo": "num_sequences"}
+    # PPO: policy loss + vf_coef * 0.5 (V - R)^2, over the kept tokens / the global token count 6
+    values = torch.zeros(2, 5, requires_grad=True)
+    ppo_batch = {**batch, "old_values": torch.zeros(2, 5), "returns": torch.full((2, 5), 2.0)}
+    loss, metrics = ppo.batch_loss(logp, values, ppo_batch, 6.0, epsilon=0.2, epsilon_high=None, vf_coef=0.1,
+                                   cliprange_value=0.2)
+    # per kept token: -A + 0.1 * 0.5 * max((0 - 2)^2, (0 - 2)^2) = -A + 0.2; sum = 0 + 3 * 0.2 = 0.6
+    assert float(loss) == pytest.approx(0.6 / 6) and metrics["value_loss"] == pytest.approx(6.0)
+    assert ppo.COUNT == "num_tokens"

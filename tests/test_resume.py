@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from posttrain.train import checkpoint
 
 COMMON = ("per_device_train_batch_size: 4\ngradient_accumulation_steps: 2\nlr_scheduler_type: cosine\n"
-          "warmup_ratio: 0.1\nmax_steps: 240\nsave_steps: 20\nsave_total_limit: 2\nlogging_steps: 1\nseed: 5\n")
+          "warmup_ratio: 0.1\nmax_steps: 120\nsave_steps: 20\nsave_total_limit: 2\nlogging_steps: 1\nseed: 5\n")
 
 
 def _config(tmp_path, stage, model, data, out):
@@ -57,7 +57,7 @@ def test_sigkill_and_resume_gives_identical_weights(stage, tmp_path, tiny_model_
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"
     killed_at = int(checkpoint.latest(run_dir).name.split("-")[1])
-    assert 40 <= killed_at < 240
+    assert 40 <= killed_at < 120
     # debris a crash can leave: a half-written temporary checkpoint and a directory with no state file
     (run_dir / "checkpoints" / ".tmp-checkpoint-999-x").mkdir()
     (run_dir / "checkpoints" / "checkpoint-998").mkdir()
@@ -71,7 +71,7 @@ def test_sigkill_and_resume_gives_identical_weights(stage, tmp_path, tiny_model_
     assert ref.keys() == got.keys()
     assert max(float((ref[k] - got[k]).abs().max()) for k in ref) <= 1e-6
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 241))
+    assert steps == list(range(1, 121))
     ref_loss = [json.loads(x)["loss"] for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
     got_loss = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert torch.allclose(torch.tensor(ref_loss), torch.tensor(got_loss), atol=1e-6)

@@ -213,7 +213,7 @@ def test_sigkill_and_resume_gives_identical_weights(mod2_task, tmp_path, algorit
         p.write_text(f"model: {mod2_task['sft']}\noutput_dir: {out}\nalgorithm: {algorithm}\ndatasets:\n"
                      f"  - path: {mod2_task['train']}\nmax_completion_length: 4\nnum_generations: 8\n"
                      "per_device_train_batch_size: 32\ngradient_accumulation_steps: 2\nlearning_rate: 1.0e-3\n"
-                     "max_steps: 60\nsave_steps: 10\nsave_total_limit: 2\nbeta: 0.05\nnum_iterations: 2\n"
+                     "max_steps: 40\nsave_steps: 10\nsave_total_limit: 2\nbeta: 0.05\nnum_iterations: 2\n"
                      "lr_scheduler_type: cosine\nwarmup_ratio: 0.1\nseed: 3\n")
         return p
 

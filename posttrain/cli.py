@@ -61,7 +61,7 @@ def cmd_eval(args) -> None:
     if bool(args.model) == bool(args.checkpoints):
         raise UserError("give exactly one of --model DIR and --checkpoints RUN_DIR")
     kwargs = dict(limit=args.limit, data=_data_map(args.data), batch_size=args.batch_size, seed=args.seed, samples=args.samples,
-                  judge=args.judge, max_new_tokens=args.max_new_tokens)
+                  judge=args.judge, max_new_tokens=args.max_new_tokens, engine=args.engine)
     if args.checkpoints:
         evaluate_checkpoints(args.checkpoints, names, args.output, **kwargs)
     else:
@@ -80,7 +80,8 @@ def cmd_tts(args) -> None:
                        wait=args.wait_string, max_answer_tokens=args.max_answer_tokens)
     sweep(args.model, args.task, args.output, _int_list(args.max_thinking, "--max-thinking"), _int_list(args.wait, "--wait"),
           _int_list(args.majority, "--majority") or [1], bf, limit=args.limit, data=data.get(args.task),
-          temperature=args.temperature, batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens)
+          temperature=args.temperature, batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
+          engine=args.engine)
     print(f"{args.output}/results.json")
 
 
@@ -162,6 +163,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, help="completions per instance (pass@k); default: the task's")
     e.add_argument("--judge", help="judge for judge_winrate: openai:<model>@<base_url> (key from OPENAI_API_KEY)")
     e.add_argument("--max-new-tokens", type=int, help="longest completion of every generating task (default: each task's own)")
+    e.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="generation engine for a local model (vllm: the optional extra, docs/engines.md)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", default="runs/eval", help="output directory (default: runs/eval)")
@@ -186,6 +189,7 @@ def parser() -> argparse.ArgumentParser:
                    help="longest completion without --max-thinking/--wait (plain sampling), or longest uncapped thinking")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--engine", choices=["transformers", "vllm"], default="transformers", help="generation engine")
     t.add_argument("--output", default="runs/tts")
     t.set_defaults(func=cmd_tts)
 

@@ -327,6 +327,7 @@ class RLVRConfig(TrainConfig):
     top_p: float = 1.0
     top_k: int = 0
     generation_batch_size: int = 64  # completions decoded together by the engine
+    engine: Literal["transformers", "vllm"] = "transformers"  # vllm: weights pushed after every step
     # a prompt computed once for its completions in the update (see posttrain.train.rl.rows)
     share_prompt: Literal["auto", "always", "never"] = "auto"
     # rewards: score = sum_v verifier_weights[v] * verifier_v  (+ format_reward_weight * format)
@@ -373,6 +374,8 @@ class RLVRConfig(TrainConfig):
             raise UserError(f"config: key 'temperature' must be > 0 for RL sampling, got {self.temperature}")
         if self.beta < 0 or self.epsilon <= 0:
             raise UserError("config: keys 'beta' must be >= 0 and 'epsilon' > 0")
+        if self.engine == "vllm" and self.use_peft:
+            raise UserError("config: engine vllm with use_peft is not supported (the adapter is not pushed to vLLM)")
         if self.use_peft and self.beta > 0:
             raise UserError("config: use_peft with beta > 0 is not supported (the reference would share the adapter's base)")
 

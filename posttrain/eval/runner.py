@@ -106,9 +106,10 @@ def summarize(task: Task, samples: list[dict]) -> dict:
 
 def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: int | None = None,
              data: dict[str, str] | None = None, batch_size: int = 16, seed: int = 0, samples: int | None = None,
-             judge: str | None = None, max_new_tokens: int | None = None) -> dict:
+             judge: str | None = None, max_new_tokens: int | None = None, engine: str = "transformers") -> dict:
     """``judge``: ``openai:<model>@<base_url>`` for judge-based tasks (else they are skipped);
-    ``max_new_tokens`` caps every generating task (default: each task's own)."""
+    ``max_new_tokens`` caps every generating task (default: each task's own); ``engine``:
+    ``transformers`` or ``vllm`` for a local model."""
     tasks = resolve_tasks(task_names)
     data = data or {}
     for name in data:
@@ -133,7 +134,16 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
                             "score option log-likelihoods and need a local model")
         model = tokenizer = None
         engine = OpenAIEngine.from_spec(str(model_path), cache_dir=Path(output) / "cache")
+    elif engine == "vllm":  # generation through vLLM; option log-likelihoods still through transformers
+        from posttrain.inference.open import local_engine
+
+        model = tokenizer = None
+        if any(t.kind == "loglikelihood" for t in tasks):
+            model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
+        engine = local_engine(str(model_path), "vllm", batch_size)
     else:
+        if engine != "transformers":
+            raise UserError(f"engine must be transformers or vllm, got {engine!r}")
         model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
         engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
     out = Path(output)
@@ -155,7 +165,7 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
         log(f"eval {t.name}: " + ", ".join(f"{k} {v}" for k, v in results[t.name].items()))
     results.update({name: {"skipped": why} for name, why in skipped.items()})
     config = {"model": str(model_path), "tasks": [t.name for t in tasks] + list(skipped), "limit": limit, "data": data,
-              "seed": seed, "samples": samples, "judge": judge, "max_new_tokens": max_new_tokens}
+              "seed": seed, "samples": samples, "judge": judge, "max_new_tokens": max_new_tokens, "engine": engine}
     write_text(out / "samples.jsonl", "".join(json.dumps(s, default=str) + "\n" for s in all_samples))
     write_json(out / "results.json", {"results": results, "config": config})
     write_text(out / "results.md", table(results))

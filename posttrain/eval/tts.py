@@ -25,7 +25,8 @@ from posttrain.eval import plots
 from posttrain.eval.tasks import resolve_tasks
 from posttrain.eval.tasks.base import load
 from posttrain.inference import budget_forcing
-from posttrain.inference.engine import SamplingParams, TransformersEngine
+from posttrain.inference.engine import SamplingParams
+from posttrain.inference.open import local_engine
 from posttrain.util import log
 
 
@@ -41,10 +42,11 @@ def majority(samples: list[dict], k: int) -> float:
 
 def sweep(model_path: str, task_name: str, output: str | Path, max_thinking: list[int], waits: list[int],
           majorities: list[int], bf: budget_forcing.BudgetForcing, limit: int | None = None, data: str | None = None,
-          temperature: float = 0.8, batch_size: int = 16, seed: int = 0, max_new_tokens: int = 256) -> dict:
+          temperature: float = 0.8, batch_size: int = 16, seed: int = 0, max_new_tokens: int = 256,
+          engine: str = "transformers") -> dict:
     (task,) = resolve_tasks([task_name])
     instances = load(task, data, limit)
-    engine = TransformersEngine.load(model_path, batch_size)
+    engine = local_engine(model_path, engine, batch_size)
     settings = [("max_thinking", m, replace(bf, max_thinking_tokens=m, num_wait=0)) for m in max_thinking]
     settings += [("wait", w, replace(bf, num_wait=w)) for w in waits]
     n = max(majorities)

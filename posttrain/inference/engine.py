@@ -61,6 +61,16 @@ class Completion:
     logprobs: list[float] = field(default_factory=list, repr=False)
 
 
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """A prompt's token ids: chat messages rendered with the chat template and its generation prompt,
+    a plain string as is, token ids unchanged."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return list(prompt)
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return chat.prompt_ids(tokenizer, prompt)
+
+
 def completion_seed(seed: int, prompt_ids: list[int], occurrence: int, sample: int) -> int:
     """The seed of one completion's stream of uniforms (see the module docstring)."""
     key = hashlib.sha256(json.dumps([seed, list(prompt_ids), occurrence, sample]).encode()).digest()
@@ -106,11 +116,7 @@ class TransformersEngine:
         return cls(load_model(path).eval(), load_tokenizer(path), batch_size=batch_size)
 
     def encode(self, prompt) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            return list(prompt)  # already token ids
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return chat.prompt_ids(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     @torch.no_grad()
     def generate(self, prompts: list, sampling: SamplingParams | None = None) -> list[Completion]:

@@ -1,8 +1,9 @@
 """One way to name an engine on the command line, and a disk cache that makes long data jobs resumable.
 
 ``open_engine(spec)``: ``openai:<model>@<base_url>`` is an OpenAI-compatible endpoint (vLLM,
-``posttrain serve``, a hosted API; key from ``OPENAI_API_KEY``), anything else a local model (a
-directory, a hub id or an alias) run by the transformers engine. With ``cache_dir`` every answer is
+``posttrain serve``, a hosted API; key from ``OPENAI_API_KEY``), ``vllm:<model>`` a local model run
+by vLLM in this process, anything else a local model (a directory, a hub id or an alias) run by the
+transformers engine. With ``cache_dir`` every answer is
 kept on disk as soon as it exists, so an interrupted command, run again, sends nothing twice:
 
 - the endpoint engine caches each request itself (``OpenAIEngine``);
@@ -20,6 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from posttrain.atomic import write_json
+from posttrain.errors import UserError
 from posttrain.inference.engine import Completion, SamplingParams, progress_bar
 from posttrain.util import model_fingerprint
 
@@ -63,16 +65,33 @@ class CachedEngine:
         return out
 
 
+ENGINES = ("transformers", "vllm")
+
+
+def local_engine(path: str, engine: str = "transformers", batch_size: int = 16):
+    """A local model in the named engine: ``transformers`` (default) or ``vllm`` (optional extra)."""
+    if engine == "vllm":
+        from posttrain.inference.vllm_engine import VLLMEngine
+
+        return VLLMEngine(path, batch_size=batch_size)
+    if engine != "transformers":
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    from posttrain.inference.engine import TransformersEngine
+
+    return TransformersEngine.load(path, batch_size)
+
+
 def open_engine(spec: str, cache_dir: str | Path | None = None, batch_size: int = 16, chunk: int = 64,
                 max_retries: int = 6):
-    """The engine a data command was given: an endpoint or a local model (see the module docstring)."""
+    """The engine a data command was given: an endpoint, ``vllm:<model>`` or a local model (see the
+    module docstring)."""
     if spec.startswith("openai:"):
         from posttrain.inference.openai_engine import OpenAIEngine
 
         return OpenAIEngine.from_spec(spec, cache_dir=cache_dir, max_retries=max_retries)
-    from posttrain.inference.engine import TransformersEngine
     from posttrain.models import resolve
 
-    path = resolve(spec)
-    engine = TransformersEngine.load(path, batch_size)
+    kind, _, name = spec.partition(":") if spec.startswith("vllm:") else ("transformers", "", spec)
+    path = resolve(name)
+    engine = local_engine(path, kind, batch_size)
     return CachedEngine(engine, cache_dir, model_fingerprint(path), chunk) if cache_dir else engine

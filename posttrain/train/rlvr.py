@@ -187,25 +187,38 @@ class Rollouts:
 
     def __call__(self, step: int, run: Run) -> StepData:
         cfg = self.cfg
-        if self.engine is None:  # the policy being trained, its weights updated in place
-            self.engine = TransformersEngine(run.model, run.tokenizer, batch_size=cfg.generation_batch_size)
         t0 = time.time()
+        if self.engine is None and cfg.engine == "transformers":  # the policy itself, updated in place
+            self.engine = TransformersEngine(run.model, run.tokenizer, batch_size=cfg.generation_batch_size)
+        elif cfg.engine == "vllm":
+            if self.engine is None:
+                from posttrain.inference.vllm_engine import VLLMEngine
+
+                self.engine = VLLMEngine(cfg.model, dtype=cfg.dtype, seed=cfg.seed, batch_size=cfg.generation_batch_size)
+            self.engine.load_weights(run.model)  # the current policy, no checkpoint on disk
+        t_push = time.time() - t0
         mine = self.select(step, run.rank, run.world)
         sampling = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.num_generations,
                                   seed=cfg.seed * 1_000_003 + step)  # per-prompt streams: any process split samples alike
         completions = self.engine.generate([p["ids"] for p in mine], sampling)
-        t_gen = time.time() - t0
+        t_gen = time.time() - t0 - t_push
         scores, sums = self.scorer(mine, completions)
         records = completion_records(mine, completions)
-        sums.update(prepare_advantages(cfg, run, self.reference, mine, records, scores, self.engine.pad_id))
+        tok = run.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else self.engine.stop_ids[0]
+        sums.update(prepare_advantages(cfg, run, self.reference, mine, records, scores, pad))
         keys = ("old_logp", "advantages") + (("ref_logp",) if self.reference is not None and cfg.algorithm == "grpo"
                                              else ()) + (
             ("old_values", "returns") if cfg.algorithm == "ppo" else ()) + (("keep",) if "keep" in records[0] else ())
-        batches = micro_batches(mine, records, cfg.per_device_train_batch_size, cfg.share_prompt, self.engine.pad_id, keys)
+        batches = micro_batches(mine, records, cfg.per_device_train_batch_size, cfg.share_prompt, pad, keys)
         sums["completions"] = float(len(completions))
-        return StepData(batches, sums, {"generate_seconds": round(t_gen, 3),
-                                        "score_seconds": round(time.time() - t0 - t_gen, 3)})
+        info = {"generate_seconds": round(t_gen, 3), "score_seconds": round(time.time() - t0 - t_push - t_gen, 3)}
+        if cfg.engine == "vllm":
+            info["weight_push_seconds"] = round(t_push, 3)
+            info["engine_logprob_max_ratio"] = round(max(math.exp(abs(a - b)) for r in records
+                                                         for a, b in zip(r["engine_logp"], r["old_logp"])), 6)
+        return StepData(batches, sums, info)
 
     @staticmethod
     def summarize(totals: dict[str, float]) -> dict:
@@ -219,6 +232,8 @@ class Rollouts:
                              "zero_variance")})
         out.update({k: v / max(totals[f"count/{k[9:]}"], 1.0) for k, v in totals.items() if k.startswith("verifier/")})
         out.update({k: totals[k] / tokens for k in ("kl", "clip_fraction", "value_loss") if k in totals})
+        if "engine_logprob_abs_diff" in totals:  # per completion token: |vLLM's log-prob - the trainer's|
+            out["engine_logprob_abs_diff"] = totals["engine_logprob_abs_diff"] / max(totals["completion_tokens"], 1.0)
         return out
 
 
@@ -263,6 +278,11 @@ def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict]
     size = cfg.per_device_train_batch_size
     metrics: dict[str, float] = {}
     forwards = []
+    if cfg.engine == "vllm":  # the old policy's log-probs from the trainer's own forward (exact)
+        for r in records:
+            r["engine_logp"] = r["old_logp"]
+        inner = run.accelerator.unwrap_model(run.module)
+        forwards.append(("old_logp", inner.policy if cfg.algorithm == "ppo" else inner))
     if reference is not None:
         forwards.append(("ref_logp", reference))
     if cfg.algorithm == "ppo":
@@ -275,6 +295,8 @@ def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict]
             for r, values in split_tokens(out, batch, records[j * size:(j + 1) * size]):
                 r[key] = values
         net.train(was_training)
+    if cfg.engine == "vllm":
+        metrics["engine_logprob_abs_diff"] = sum(abs(a - b) for r in records for a, b in zip(r["engine_logp"], r["old_logp"]))
     if cfg.algorithm == "grpo":
         adv, varied = grpo.group_advantages(scores, cfg.num_generations, cfg.scale_rewards)
         for r, a, keep in zip(records, adv.tolist(), varied.tolist()):

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import random
 
-from posttrain.inference.engine import SamplingParams, TransformersEngine
+from posttrain.inference.engine import SamplingParams
+from posttrain.inference.open import local_engine
 from posttrain.rewards import get_verifier
 
 
 def onpolicy_pairs(model_dir: str, records: list[dict], samples: int = 8, temperature: float = 1.0,
-                   max_new_tokens: int = 128, seed: int = 0, batch_size: int = 64) -> tuple[list[dict], dict]:
-    engine = TransformersEngine.load(model_dir, batch_size)
+                   max_new_tokens: int = 128, seed: int = 0, batch_size: int = 64,
+                   engine: str = "transformers") -> tuple[list[dict], dict]:
+    engine = local_engine(model_dir, engine, batch_size)
     engine.progress = "onpolicy pairs"
     outs = engine.generate([r["messages"] for r in records],
                            SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples, seed=seed))

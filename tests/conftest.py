@@ -107,6 +107,63 @@ def parity_task(tmp_path_factory) -> dict:
             "heldout": write_jsonl(root / "heldout.jsonl", parity_pairs(heldout))}
 
 
+def thinking_records() -> list[dict]:
+    """100 additions answered with a short thinking block: <think>a plus b is s</think> Final Answer: s."""
+    recs = []
+    for a in range(10):
+        for b in range(10):
+            reply = f"<think>{a} plus {b} is {a + b}</think>\nFinal Answer: {a + b}"
+            recs.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                      {"role": "assistant", "content": reply}]})
+    return recs
+
+
+def thinker_model(root: Path, **size) -> str:
+    """A tiny model (``size``: build_tiny's shape keys) SFT'd 150 steps on ``thinking_records``; its directory."""
+    from posttrain.config import SFTConfig, load_config
+    from posttrain.models import build_tiny
+    from posttrain.train.sft import run_sft
+
+    recs = thinking_records()
+    build_tiny(root / "base", [json.dumps(r) for r in recs] + ["Wait"], vocab_size=320, seed=0, **size)
+    res = run_sft(load_config(SFTConfig, base={
+        "model": str(root / "base"), "output_dir": str(root / "sft"), "chat_template": "tulu",
+        "datasets": [{"path": str(write_jsonl(root / "d.jsonl", recs))}], "max_seq_length": 64, "packing": True,
+        "per_device_train_batch_size": 8, "learning_rate": 3e-3, "max_steps": 150, "save_steps": 0}))
+    return str(res.output_dir)
+
+
+def mod2_question(n: int) -> str:
+    return f"What is {n} mod 2?"
+
+
+def mod2_prompt(n: int) -> dict:
+    return {"messages": [{"role": "user", "content": mod2_question(n)}], "ground_truth": str(n % 2), "verifier": "gsm8k"}
+
+
+def mod2_task_files(root: Path, **size) -> dict:
+    """A tiny model (``size``: build_tiny's shape keys) SFT'd for only 60 steps on "What is N mod 2?"
+    (below chance on held-out numbers), RL prompts on 300 numbers and 100 held-out numbers that
+    neither SFT nor RL sees."""
+    import random
+
+    from posttrain.config import SFTConfig, load_config
+    from posttrain.models import build_tiny
+    from posttrain.train.sft import run_sft
+
+    numbers = random.Random(1).sample(range(100, 10000), 500)
+    train, heldout = numbers[100:400], numbers[:100]
+    build_tiny(root / "base", [mod2_question(n) + str(n % 2) for n in numbers], vocab_size=320, seed=0, **size)
+    sft = [{"messages": [{"role": "user", "content": mod2_question(n)}, {"role": "assistant", "content": str(n % 2)}]}
+           for n in train]
+    run_sft(load_config(SFTConfig, base={
+        "model": str(root / "base"), "output_dir": str(root / "sft"), "chat_template": "tulu",
+        "datasets": [{"path": str(write_jsonl(root / "sft.jsonl", sft))}], "max_seq_length": 64, "packing": True,
+        "per_device_train_batch_size": 8, "learning_rate": 3e-3, "max_steps": 60, "save_steps": 0}))
+    return {"root": root, "sft": str(root / "sft"), "train": write_jsonl(root / "rl.jsonl", [mod2_prompt(n) for n in train]),
+            "heldout": write_jsonl(root / "heldout.jsonl", [mod2_prompt(n) for n in heldout])}
+
+
 @pytest.fixture(scope="session")
 def addition_sft_model(tmp_path_factory, tiny_model_dir) -> str:
     """The tiny model after 60 SFT steps on 40 additions (engine and serving tests)."""

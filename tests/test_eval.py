@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import addition_records, write_jsonl
+from conftest import addition_records, thinker_model, thinking_records, write_jsonl
 
 from posttrain.config import SFTConfig, load_config
 from posttrain.errors import UserError
@@ -17,7 +17,7 @@ from posttrain.eval.tasks.base import load
 from posttrain.eval.tasks.humaneval import pass_at_k
 from posttrain.inference import budget_forcing
 from posttrain.inference.engine import SamplingParams, TransformersEngine
-from posttrain.models import build_tiny, load_model, load_tokenizer
+from posttrain.models import load_model, load_tokenizer
 from posttrain.train.sft import run_sft
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
@@ -120,21 +120,10 @@ def test_checkpoints_give_a_curve(sft_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory):
-    """A tiny model SFT'd to answer with a short thinking block: <think>a plus b is s</think> Final Answer: s."""
-    root = tmp_path_factory.mktemp("think")
-    recs = []
-    for a in range(10):
-        for b in range(10):
-            reply = f"<think>{a} plus {b} is {a + b}</think>\nFinal Answer: {a + b}"
-            recs.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                                      {"role": "assistant", "content": reply}]})
-    build_tiny(root / "base", [json.dumps(r) for r in recs] + ["Wait"], vocab_size=320, seed=0)
-    res = run_sft(load_config(SFTConfig, base={
-        "model": str(root / "base"), "output_dir": str(root / "sft"), "chat_template": "tulu",
-        "datasets": [{"path": str(write_jsonl(root / "d.jsonl", recs))}], "max_seq_length": 64, "packing": True,
-        "per_device_train_batch_size": 8, "learning_rate": 3e-3, "max_steps": 150, "save_steps": 0}))
-    model, tok = load_model(str(res.output_dir)), load_tokenizer(str(res.output_dir))
-    return TransformersEngine(model, tok, batch_size=16), [r["messages"][:1] for r in recs[:12]]
+    """A tiny model SFT'd to answer with a short thinking block (conftest.thinking_records)."""
+    path = thinker_model(tmp_path_factory.mktemp("think"))
+    model, tok = load_model(path), load_tokenizer(path)
+    return TransformersEngine(model, tok, batch_size=16), [r["messages"][:1] for r in thinking_records()[:12]]
 
 
 def test_budget_forcing_caps_and_extends_at_exact_token_counts(thinker):

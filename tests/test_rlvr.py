@@ -4,7 +4,6 @@ gets a clear error."""
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -13,45 +12,23 @@ import time
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import mod2_prompt, mod2_task_files, write_jsonl
 from safetensors.torch import load_file
 
-from posttrain.config import DataSource, RLVRConfig, SFTConfig, load_config
+from posttrain.config import DataSource, RLVRConfig, load_config
 from posttrain.data.mixing import mix
 from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams, TransformersEngine
-from posttrain.models import build_tiny, load_model, load_tokenizer
+from posttrain.models import load_model, load_tokenizer
 from posttrain.train import checkpoint
 from posttrain.train.rlvr import accuracy_fn, completion_records, make_scorer, micro_batches, prepare_prompts, run_rlvr
-from posttrain.train.sft import run_sft
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 
 
-def mod2_question(n: int) -> str:
-    return f"What is {n} mod 2?"
-
-
-def mod2_prompt(n: int) -> dict:
-    return {"messages": [{"role": "user", "content": mod2_question(n)}], "ground_truth": str(n % 2), "verifier": "gsm8k"}
-
-
 @pytest.fixture(scope="session")
 def mod2_task(tmp_path_factory) -> dict:
-    """A tiny model SFT'd for only 60 steps on "What is N mod 2?" (below chance on held-out numbers),
-    RL prompts on 300 numbers and 100 held-out numbers that neither SFT nor RL sees."""
-    root = tmp_path_factory.mktemp("mod2")
-    numbers = random.Random(1).sample(range(100, 10000), 500)
-    train, heldout = numbers[100:400], numbers[:100]
-    build_tiny(root / "base", [mod2_question(n) + str(n % 2) for n in numbers], vocab_size=320, seed=0)
-    sft = [{"messages": [{"role": "user", "content": mod2_question(n)}, {"role": "assistant", "content": str(n % 2)}]}
-           for n in train]
-    run_sft(load_config(SFTConfig, base={
-        "model": str(root / "base"), "output_dir": str(root / "sft"), "chat_template": "tulu",
-        "datasets": [{"path": str(write_jsonl(root / "sft.jsonl", sft))}], "max_seq_length": 64, "packing": True,
-        "per_device_train_batch_size": 8, "learning_rate": 3e-3, "max_steps": 60, "save_steps": 0}))
-    return {"root": root, "sft": str(root / "sft"), "train": write_jsonl(root / "rl.jsonl", [mod2_prompt(n) for n in train]),
-            "heldout": write_jsonl(root / "heldout.jsonl", [mod2_prompt(n) for n in heldout])}
+    return mod2_task_files(tmp_path_factory.mktemp("mod2"))
 
 
 def rl_config(task, out, **over) -> RLVRConfig:

@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import mod2_task_files, thinker_model, thinking_records
 
-from posttrain.config import SFTConfig, load_config
+from posttrain.config import load_config
 from posttrain.inference import budget_forcing
 from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.inference.logprobs import TokenLogProbs
-from posttrain.models import build_tiny, load_model, load_tokenizer
-from posttrain.train.sft import run_sft
+from posttrain.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.vllm
 try:  # the engine's own import: its environment defaults first (in-process engine core, KV cache size)
@@ -26,33 +25,15 @@ except UserError:
     pytest.skip("vLLM is not installed (the optional extra; CI installs it for `pytest -m vllm`)", allow_module_level=True)
 
 
-def thinking_records() -> list[dict]:
-    recs = []
-    for a in range(10):
-        for b in range(10):
-            reply = f"<think>{a} plus {b} is {a + b}</think>\nFinal Answer: {a + b}"
-            recs.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                                      {"role": "assistant", "content": reply}]})
-    return recs
-
-
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory):
     """A tiny Llama (head_dim 64) SFT'd to think briefly then answer, and both engines on it."""
     from posttrain.inference.vllm_engine import VLLMEngine
 
-    root = tmp_path_factory.mktemp("vllm-think")
-    recs = thinking_records()
-    build_tiny(root / "base", [json.dumps(r) for r in recs] + ["Wait"], vocab_size=320, hidden_size=128, num_heads=2,
-               num_kv_heads=2, seed=0)
-    res = run_sft(load_config(SFTConfig, base={
-        "model": str(root / "base"), "output_dir": str(root / "sft"), "chat_template": "tulu",
-        "datasets": [{"path": str(write_jsonl(root / "d.jsonl", recs))}], "max_seq_length": 64, "packing": True,
-        "per_device_train_batch_size": 8, "learning_rate": 3e-3, "max_steps": 150, "save_steps": 0}))
-    path = str(res.output_dir)
+    path = thinker_model(tmp_path_factory.mktemp("vllm-think"), hidden_size=128, num_heads=2, num_kv_heads=2)
     local = TransformersEngine(load_model(path), load_tokenizer(path), batch_size=16)
     return {"path": path, "local": local, "vllm": VLLMEngine(path, seed=0),
-            "prompts": [r["messages"][:1] for r in recs[::7]]}
+            "prompts": [r["messages"][:1] for r in thinking_records()[::7]]}
 
 
 def test_greedy_text_and_logprobs_agree_with_the_transformers_engine(thinker):
@@ -131,28 +112,12 @@ def test_grpo_with_vllm_rollouts_scores_what_the_trainer_would(tmp_path):
     transformers engine; 200 steps: 0.49 and 0.58; a second 120-step vLLM run with the same seed gave a
     different reward curve: vLLM's CPU rollouts are not bit-reproducible across runs here. Single GRPO
     runs on this model scatter that much, so the gains are reported, not asserted.)"""
-    import random
-
     from posttrain.config import RLVRConfig
     from posttrain.train.rlvr import run_rlvr
 
-    numbers = random.Random(1).sample(range(100, 10000), 500)
-    train, heldout = numbers[100:400], numbers[:100]
-    question = lambda n: f"What is {n} mod 2?"  # noqa: E731
-    prompt = lambda n: {"messages": [{"role": "user", "content": question(n)}], "ground_truth": str(n % 2),  # noqa: E731
-                        "verifier": "gsm8k"}
-    build_tiny(tmp_path / "base", [question(n) + str(n % 2) for n in numbers], vocab_size=320, hidden_size=128,
-               num_heads=2, num_kv_heads=2, seed=0)
-    sft = [{"messages": [{"role": "user", "content": question(n)}, {"role": "assistant", "content": str(n % 2)}]}
-           for n in train]
-    run_sft(load_config(SFTConfig, base={
-        "model": str(tmp_path / "base"), "output_dir": str(tmp_path / "sft"), "chat_template": "tulu",
-        "datasets": [{"path": str(write_jsonl(tmp_path / "sft.jsonl", sft))}], "max_seq_length": 64, "packing": True,
-        "per_device_train_batch_size": 8, "learning_rate": 3e-3, "max_steps": 60, "save_steps": 0}))
-    held = write_jsonl(tmp_path / "held.jsonl", [prompt(n) for n in heldout])
-    rl = write_jsonl(tmp_path / "rl.jsonl", [prompt(n) for n in train])
-    base = {"model": str(tmp_path / "sft"), "datasets": [{"path": str(rl)}],
-            "eval_datasets": [{"path": str(held)}], "max_completion_length": 4, "num_generations": 8,
+    task = mod2_task_files(tmp_path, hidden_size=128, num_heads=2, num_kv_heads=2)
+    base = {"model": task["sft"], "datasets": [{"path": str(task["train"])}],
+            "eval_datasets": [{"path": str(task["heldout"])}], "max_completion_length": 4, "num_generations": 8,
             "per_device_train_batch_size": 64, "learning_rate": 1e-3, "max_steps": 60, "save_steps": 0, "seed": 0,
             "eval_steps": 1000}
     res = run_rlvr(load_config(RLVRConfig, base={**base, "output_dir": str(tmp_path / "grpo-vllm"), "engine": "vllm"}))

@@ -135,7 +135,8 @@ def test_nothing_in_the_repository_reads_outside_it():
     tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True).stdout.split()
     if not tracked:
         pytest.skip("not a git checkout")
-    needles = [".." + "/shared", '"shared"' + ' / "data"', '"..", "..", ' + '"shared"']  # in pieces: no hit here
+    outside = "sha" + "red"  # the folder beside a checkout that users do not have (spelled in pieces: no hit here)
+    needles = ["../" + outside, f'"{outside}" / "data"', f'"..", "..", "{outside}"']
     offenders = []
     for name in tracked:
         p = ROOT / name

@@ -24,6 +24,7 @@ from posttrain.eval import plots
 from posttrain.eval.tasks import resolve_tasks
 from posttrain.eval.tasks.base import Task, load
 from posttrain.inference.engine import SamplingParams, TransformersEngine
+from posttrain.inference.open import ENGINES, local_engine
 from posttrain.models import load_model, load_tokenizer
 from posttrain.util import checkpoints, log
 
@@ -111,6 +112,9 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
     ``max_new_tokens`` caps every generating task (default: each task's own); ``engine``:
     ``transformers`` or ``vllm`` for a local model."""
     tasks = resolve_tasks(task_names)
+    if engine not in ENGINES:
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    kind, engine = engine, None
     data = data or {}
     for name in data:
         if name not in {t.name for t in tasks}:
@@ -134,16 +138,12 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
                             "score option log-likelihoods and need a local model")
         model = tokenizer = None
         engine = OpenAIEngine.from_spec(str(model_path), cache_dir=Path(output) / "cache")
-    elif engine == "vllm":  # generation through vLLM; option log-likelihoods still through transformers
-        from posttrain.inference.open import local_engine
-
+    elif kind == "vllm":  # generation through vLLM; option log-likelihoods still through transformers
         model = tokenizer = None
         if any(t.kind == "loglikelihood" for t in tasks):
             model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
         engine = local_engine(str(model_path), "vllm", batch_size)
     else:
-        if engine != "transformers":
-            raise UserError(f"engine must be transformers or vllm, got {engine!r}")
         model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
         engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
     out = Path(output)
@@ -152,8 +152,7 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
     all_samples: list[dict] = []
     for t in tasks:
         started = time.time()
-        if engine is not None:
-            engine.progress = f"eval {t.name}"
+        engine.progress = f"eval {t.name}"
         if t.kind == "loglikelihood":
             got = loglikelihood_samples(t, model, tokenizer, instances[t.name], batch_size)
         elif t.kind == "judge":
@@ -165,7 +164,7 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
         log(f"eval {t.name}: " + ", ".join(f"{k} {v}" for k, v in results[t.name].items()))
     results.update({name: {"skipped": why} for name, why in skipped.items()})
     config = {"model": str(model_path), "tasks": [t.name for t in tasks] + list(skipped), "limit": limit, "data": data,
-              "seed": seed, "samples": samples, "judge": judge, "max_new_tokens": max_new_tokens, "engine": engine}
+              "seed": seed, "samples": samples, "judge": judge, "max_new_tokens": max_new_tokens, "engine": kind}
     write_text(out / "samples.jsonl", "".join(json.dumps(s, default=str) + "\n" for s in all_samples))
     write_json(out / "results.json", {"results": results, "config": config})
     write_text(out / "results.md", table(results))

@@ -12,7 +12,7 @@ imported only when a ``VLLMEngine`` is made; without it the error says how to in
 - ``Completion.logprobs``: vLLM's log-probs of the sampled tokens after temperature
   (``logprobs_mode=processed_logprobs``); with top-k/top-p they are those of the truncated,
   renormalised distribution, while the transformers engine reports them before truncation.
-- ``load_weights(named_tensors)`` pushes a trainer's weights into the running engine (no checkpoint
+- ``load_weights(model)`` pushes a trainer's weights into the running engine (no checkpoint
   on disk: the worker's in-place ``reload_weights``, which re-runs the kernels' weight processing) and
   drops the prefix cache, whose keys and values the old weights computed.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from posttrain.data.decontam import EvalInstance, NgramIndex, check_texts, eval_instances, prompt_text
@@ -100,9 +101,7 @@ class Checker:
                                                   "matched_id": m.id, "eval_text": text_of[m.task, m.index][:300],
                                                   "overlap": round(m.overlap, 4)})
             records += len(part)
-        counts: dict[str, int] = {}
-        for inst in self.found:
-            counts[inst.task] = counts.get(inst.task, 0) + 1
-        return {"ngram": NGRAM, "threshold": THRESHOLD, "records": records, "against": counts,
+        return {"ngram": NGRAM, "threshold": THRESHOLD, "records": records,
+                "against": dict(Counter(inst.task for inst in self.found)),
                 "unavailable": self.unavailable, "not_checked_too_short": dict(index.too_short), "tasks": tasks,
                 "flagged": sum(t["flagged"] for t in tasks.values()), "seconds": round(time.perf_counter() - t0, 3)}

@@ -88,7 +88,7 @@ def cmd_tts(args) -> None:
 def cmd_serve(args) -> None:
     from posttrain.inference.serve import serve
 
-    serve(args.model, args.host, args.port, args.batch_size, args.name)
+    serve(args.model, args.host, args.port, args.batch_size, args.name, args.engine, args.accept_weights)
 
 
 def cmd_run(args) -> None:
@@ -199,6 +199,11 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--name", help="the model name clients ask for (default: the --model value)")
     v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="generation engine; vllm also serves the rollout routes RLVR's vllm_servers use (docs/engines.md)")
+    v.add_argument("--accept-weights", action="store_true",
+                   help="let clients replace the weights (POST /posttrain/weights: RLVR's weight push); anyone "
+                        "who reaches the port can")
     v.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("run", help="run every stage of a recipe in order (skips finished stages, resumes interrupted ones)")

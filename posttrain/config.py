@@ -130,7 +130,8 @@ class SFTConfig(TrainConfig):
 
 # Keys that change how a run is watched, not what it computes: a resumed run may change them.
 NON_SEMANTIC_KEYS = {"save_steps", "save_total_limit", "logging_steps", "report_to", "overwrite_output_dir",
-                     "per_device_eval_batch_size", "eval_steps", "decontaminate_against"}
+                     "per_device_eval_batch_size", "eval_steps", "decontaminate_against",
+                     "vllm_servers"}  # where rollouts are drawn, not what they are: a resumed run may use others
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -328,6 +329,10 @@ class RLVRConfig(TrainConfig):
     top_k: int = 0
     generation_batch_size: int = 64  # completions decoded together by the engine
     engine: Literal["transformers", "vllm"] = "transformers"  # vllm: weights pushed after every step
+    vllm_servers: list = field(default_factory=list)  # URLs of posttrain serve --engine vllm; []: in this process
+    vllm_gpu_memory_utilization: float | None = None  # colocated engine's share of the device (None: vLLM's 0.9)
+    # None: the trainer's old log-probs only; C: also weight each token by min(pi_old / pi_vllm, C)
+    vllm_importance_sampling_cap: float | None = None
     # a prompt computed once for its completions in the update (see posttrain.train.rl.rows)
     share_prompt: Literal["auto", "always", "never"] = "auto"
     # rewards: score = sum_v verifier_weights[v] * verifier_v  (+ format_reward_weight * format)
@@ -374,6 +379,14 @@ class RLVRConfig(TrainConfig):
             raise UserError(f"config: key 'temperature' must be > 0 for RL sampling, got {self.temperature}")
         if self.beta < 0 or self.epsilon <= 0:
             raise UserError("config: keys 'beta' must be >= 0 and 'epsilon' > 0")
+        if self.engine != "vllm" and (self.vllm_servers or self.vllm_importance_sampling_cap is not None
+                                      or self.vllm_gpu_memory_utilization is not None):
+            raise UserError("config: keys 'vllm_servers', 'vllm_gpu_memory_utilization' and "
+                            "'vllm_importance_sampling_cap' need engine: vllm")
+        if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.vllm_servers):
+            raise UserError(f"config: key 'vllm_servers' must be a list of http(s) URLs, got {self.vllm_servers!r}")
+        if self.vllm_importance_sampling_cap is not None and self.vllm_importance_sampling_cap < 1:
+            raise UserError(f"config: key 'vllm_importance_sampling_cap' must be >= 1, got {self.vllm_importance_sampling_cap}")
         if self.engine == "vllm" and self.use_peft:
             raise UserError("config: engine vllm with use_peft is not supported (the adapter is not pushed to vLLM)")
         if self.use_peft and self.beta > 0:

@@ -117,3 +117,32 @@ def test_batch_loss_assembles_masks_and_the_global_denominator_by_hand():
     # per kept token: -A + 0.1 * 0.5 * max((0 - 2)^2, (0 - 2)^2) = -A + 0.2; sum = 0 + 3 * 0.2 = 0.6
     assert float(loss) == pytest.approx(0.6 / 6) and metrics["value_loss"] == pytest.approx(6.0)
     assert ppo.COUNT == "num_tokens"
+
+
+def test_truncated_importance_sampling_weights_the_policy_term_only_by_hand():
+    """``w = min(exp(old - engine), C)`` per token multiplies the clipped term, not the KL term; its
+    gradient is w times the unweighted one. GRPO and PPO."""
+    from posttrain.train.rl import ppo
+    from posttrain.train.rl.grpo import batch_loss, k3_kl
+
+    old = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    engine = torch.tensor([[-1.5, -1.0, -0.5]], dtype=torch.float64)
+    cap = 1.5
+    w = torch.exp(old - engine).clamp(max=cap)  # e^0.5 = 1.65 -> capped at 1.5; e^-1 = 0.37; 1
+    assert w[0].tolist() == pytest.approx([1.5, math.exp(-1.0), 1.0], abs=1e-15)
+    ref = torch.tensor([[-1.2, -1.8, -0.4]], dtype=torch.float64)
+    logp = old.clone().requires_grad_(True)  # ratio 1: the clipped term is -A per token, d/dlogp = -A
+    batch = {"labels": torch.tensor([[1, 2, 3, 4]]), "advantages": torch.tensor([2.0], dtype=torch.float64),
+             "old_logp": old, "ref_logp": ref, "is_weight": w}
+    loss, _ = batch_loss(logp, batch, 3.0, loss_type="token_mean", max_completion_length=3, epsilon=0.2,
+                         epsilon_high=None, beta=0.1)
+    want = (-(2.0 * w) + 0.1 * k3_kl(old, ref)).sum() / 3
+    assert float(loss) == pytest.approx(float(want), abs=1e-15)
+    loss.backward()
+    d_kl = -(torch.exp(ref - old) - 1)  # d/dlogp of k3 = -(e^(ref - logp) - 1)
+    assert logp.grad[0].tolist() == pytest.approx(((-2.0 * w + 0.1 * d_kl) / 3)[0].tolist(), abs=1e-15)
+    values = torch.zeros(1, 3, dtype=torch.float64)
+    ppo_batch = {**batch, "advantages": torch.full((1, 3), 2.0, dtype=torch.float64), "old_values": values,
+                 "returns": values}
+    loss, _ = ppo.batch_loss(old, values, ppo_batch, 3.0, epsilon=0.2, epsilon_high=None, vf_coef=0.1, cliprange_value=0.2)
+    assert float(loss) == pytest.approx(float(-(2.0 * w).sum() / 3), abs=1e-15)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import mod2_task_files, thinker_model, thinking_records
+from test_rlvr import documented_metrics
 
 from posttrain.config import load_config
 from posttrain.inference import budget_forcing
@@ -105,25 +106,170 @@ def test_a_weight_push_reaches_the_engine(thinker):
     assert [a.token_ids for a in again] == [b.token_ids for b in before]
 
 
-def test_grpo_with_vllm_rollouts_scores_what_the_trainer_would(tmp_path):
-    """The RLVR test's tiny task (test_rlvr.py) with a head_dim-64 model and vLLM rollouts: weights
-    pushed every step, old log-probs recomputed by the trainer, the engine/trainer mismatch logged.
-    (Measured, one seed each, 120 steps: held-out 0.47 -> 0.56 with vLLM rollouts, -> 0.69 with the
-    transformers engine; 200 steps: 0.49 and 0.58; a second 120-step vLLM run with the same seed gave a
-    different reward curve: vLLM's CPU rollouts are not bit-reproducible across runs here. Single GRPO
-    runs on this model scatter that much, so the gains are reported, not asserted.)"""
+@pytest.fixture(scope="module")
+def mod2(tmp_path_factory):
+    """The RLVR test's tiny task (test_rlvr.py) with a head_dim-64 model."""
+    root = tmp_path_factory.mktemp("vllm-mod2")
+    task = mod2_task_files(root, hidden_size=128, num_heads=2, num_kv_heads=2)
+    base = {"model": task["sft"], "datasets": [{"path": str(task["train"])}], "max_completion_length": 4,
+            "num_generations": 8, "per_device_train_batch_size": 64, "learning_rate": 1e-3, "save_steps": 0,
+            "decontaminate_against": []}
+    return {**task, "root": root, "base": base}
+
+
+def rlvr(mod2, out, **overrides):
     from posttrain.config import RLVRConfig
     from posttrain.train.rlvr import run_rlvr
 
-    task = mod2_task_files(tmp_path, hidden_size=128, num_heads=2, num_kv_heads=2)
-    base = {"model": task["sft"], "datasets": [{"path": str(task["train"])}],
-            "eval_datasets": [{"path": str(task["heldout"])}], "max_completion_length": 4, "num_generations": 8,
-            "per_device_train_batch_size": 64, "learning_rate": 1e-3, "max_steps": 60, "save_steps": 0, "seed": 0,
-            "eval_steps": 1000}
-    res = run_rlvr(load_config(RLVRConfig, base={**base, "output_dir": str(tmp_path / "grpo-vllm"), "engine": "vllm"}))
-    rows = [json.loads(x) for x in (tmp_path / "grpo-vllm" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
-    # vLLM samples what the trainer would score: the same log-probs of the same tokens, step after step
-    assert all(r["engine_logprob_abs_diff"] <= 1e-3 and r["engine_logprob_max_ratio"] <= 1.01 for r in rows)
-    assert all("weight_push_seconds" in r for r in rows)
-    assert len(rows) == 60 and 0.0 <= res.metrics["eval/accuracy"] <= 1.0
-    assert (tmp_path / "grpo-vllm" / "manifest.json").is_file()
+    return run_rlvr(load_config(RLVRConfig, base={**mod2["base"], "output_dir": str(out), **overrides}))
+
+
+def metrics_rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+
+
+def test_grpo_with_vllm_rollouts_gains_as_much_as_with_the_transformers_engine(mod2):
+    """100 GRPO steps, 3 seeds, each engine: the held-out gain with vLLM rollouts (weights pushed every
+    step, old log-probs recomputed by the trainer, truncated importance sampling on) is the
+    transformers engine's or more. Measured here: base 0.47; transformers 0.59 / 0.71 / 0.43, vLLM 0.61 /
+    0.78 / 0.55 (means 0.58 and 0.65). Every step's vLLM log-probs equal the trainer's."""
+    base = heldout_accuracy(mod2)
+    final = {}
+    for engine in ("transformers", "vllm"):
+        extra = {"engine": "vllm", "vllm_importance_sampling_cap": 2.0} if engine == "vllm" else {}
+        for seed in (0, 1, 2):
+            out = mod2["root"] / f"grpo-{engine}-{seed}"
+            res = rlvr(mod2, out, max_steps=100, seed=seed, eval_datasets=[{"path": str(mod2["heldout"])}],
+                       eval_steps=1000, **extra)
+            final[engine, seed] = res.metrics["eval/accuracy"]
+            if engine == "vllm":
+                rows = metrics_rows(out)
+                assert len(rows) == 100 and all("weight_push_seconds" in r for r in rows)
+                assert all(r["engine_logprob_abs_diff"] <= 1e-3 and r["engine_logprob_max_ratio"] <= 1.01
+                           and r["importance_sampling_capped"] == 0.0 for r in rows)
+                assert set().union(*rows) <= documented_metrics()  # docs/rlvr.md lists every key
+    mean = {e: sum(final[e, s] for s in (0, 1, 2)) / 3 for e in ("transformers", "vllm")}
+    assert mean["transformers"] >= base + 0.05, (base, final)
+    assert mean["vllm"] >= mean["transformers"] - 0.03, (base, final)
+
+
+def heldout_accuracy(mod2) -> float:
+    from posttrain.config import DataSource, RLVRConfig
+    from posttrain.data.mixing import mix
+    from posttrain.train.rlvr import accuracy_fn, prepare_prompts
+
+    tok = load_tokenizer(mod2["sft"])
+    held, _ = prepare_prompts(tok, mix([DataSource(path=str(mod2["heldout"]))], "verifiable", 0)[0], 512)
+    cfg = load_config(RLVRConfig, base={**mod2["base"], "output_dir": "unused"})
+    return accuracy_fn(held, tok, cfg)(load_model(mod2["sft"]))["accuracy"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, core: int):
+    """``posttrain serve --engine vllm --accept-weights`` in its own process, bound to one core."""
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", "--model", model, "--engine", "vllm",
+                             "--accept-weights", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(servers, timeout=300.0):
+    import time
+
+    from posttrain.inference.vllm_servers import ServerFailed, call
+
+    deadline = time.time() + timeout
+    for proc, url in servers:
+        while True:
+            assert proc.poll() is None, f"the server at {url} exited with {proc.returncode}"
+            try:
+                call(url, "/health", None, 5.0)
+                break
+            except ServerFailed:
+                assert time.time() < deadline, f"the server at {url} did not start in {timeout} s"
+                time.sleep(1.0)
+
+
+def kill_at(monkeypatch, step_to_kill: int, proc):
+    """SIGKILL ``proc`` when the rollouts of step ``step_to_kill`` are asked for (after that step's push)."""
+    import signal
+
+    from posttrain.inference.vllm_servers import VLLMServers
+
+    original, calls = VLLMServers.generate, []
+
+    def generate(self, prompts, sampling=None):
+        calls.append(1)
+        if len(calls) == step_to_kill and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        return original(self, prompts, sampling)
+
+    monkeypatch.setattr(VLLMServers, "generate", generate)
+
+
+def final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_vllm_servers_killed_mid_run_the_run_goes_on_or_resumes_exactly(mod2, monkeypatch, capfd):
+    """Two ``posttrain serve --engine vllm`` processes on localhost. (1) 6 GRPO steps on servers A and B,
+    B killed at step 3: its share goes to A and the run ends with the weights of a run on A alone.
+    (2) A run on A alone, A killed at step 5: a one-line error; a new server C; the same command with
+    ``vllm_servers: [C]`` resumes from the step-4 checkpoint and ends with the same weights again."""
+    servers = [start_server(mod2["sft"], 0), start_server(mod2["sft"], 1)]
+    (a, url_a), (b, url_b) = servers
+    c = None
+    try:
+        wait_ready(servers)
+        # the OpenAI-compatible route of the same servers: greedy text of the vLLM engine
+        from posttrain.inference.openai_engine import OpenAIEngine
+        from posttrain.inference.vllm_servers import VLLMServers
+
+        prompt = [{"role": "user", "content": "What is 1234 mod 2?"}]
+        chat = OpenAIEngine(mod2["sft"], url_a + "/v1").generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))
+        tok = load_tokenizer(mod2["sft"])
+        rollout = VLLMServers([url_b], tok).generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))
+        assert chat[0].text == rollout[0].text
+
+        steps = {"max_steps": 6, "save_steps": 2, "seed": 3, "engine": "vllm"}
+        reference = mod2["root"] / "servers-reference"
+        rlvr(mod2, reference, vllm_servers=[url_a], **steps)
+        kill_at(monkeypatch, 3, b)
+        survived = mod2["root"] / "servers-b-killed"
+        rlvr(mod2, survived, vllm_servers=[url_a, url_b], **steps)
+        assert f"vLLM server {url_b} left out (rollouts: " in capfd.readouterr().err
+        assert len(metrics_rows(survived)) == 6
+        want = final_weights(reference)
+        assert all(torch.equal(v, want[k]) for k, v in final_weights(survived).items())
+
+        kill_at(monkeypatch, 5, a)
+        resumed = mod2["root"] / "servers-a-killed"
+        with pytest.raises(UserError, match="no server left of .*restart them and run the same command again"):
+            rlvr(mod2, resumed, vllm_servers=[url_a], **steps)
+        c, url_c = start_server(mod2["sft"], 0)
+        wait_ready([(c, url_c)])
+        monkeypatch.undo()
+        rlvr(mod2, resumed, vllm_servers=[url_c], **steps)
+        assert "resum" in capfd.readouterr().err.lower()
+        assert all(torch.equal(v, want[k]) for k, v in final_weights(resumed).items())
+    finally:
+        for proc in (a, b, c):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

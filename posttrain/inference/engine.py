@@ -77,6 +77,18 @@ def completion_seed(seed: int, prompt_ids: list[int], occurrence: int, sample: i
     return int.from_bytes(key[:8], "little") >> 1
 
 
+def completion_requests(tokenizer, prompts: list, sampling: SamplingParams) -> list[tuple[int, list[int], int]]:
+    """One ``(prompt index, prompt token ids, seed)`` per completion to draw: ``sampling.n`` per prompt,
+    each with its own ``completion_seed`` (every engine samples the same completions' streams)."""
+    out, seen = [], Counter()
+    for i, p in enumerate(prompts):
+        ids = encode_prompt(tokenizer, p)
+        occurrence = seen[tuple(ids)]
+        seen[tuple(ids)] += 1
+        out.extend((i, ids, completion_seed(sampling.seed, ids, occurrence, j)) for j in range(sampling.n))
+    return out
+
+
 def progress_bar(label: str | None, total: int):
     """A tqdm bar (count, rate, ETA) on stderr labelled ``label``; a silent one when ``label`` is None."""
     from tqdm.auto import tqdm
@@ -121,14 +133,8 @@ class TransformersEngine:
     @torch.no_grad()
     def generate(self, prompts: list, sampling: SamplingParams | None = None) -> list[Completion]:
         sampling = sampling or SamplingParams()
-        encoded, keys, seen = [], [], Counter()
-        for i, p in enumerate(prompts):
-            ids = self.encode(p)
-            occurrence = seen[tuple(ids)]
-            seen[tuple(ids)] += 1
-            for j in range(sampling.n):
-                encoded.append((i, ids))
-                keys.append(completion_seed(sampling.seed, ids, occurrence, j))
+        requests = completion_requests(self.tokenizer, prompts, sampling)
+        encoded, keys = [(i, ids) for i, ids, _ in requests], [seed for _, _, seed in requests]
         order = sorted(range(len(encoded)), key=lambda j: (len(encoded[j][1]), j))
         was_training = self.model.training
         self.model.eval()

@@ -1,9 +1,20 @@
 """``posttrain serve``: a local model behind an OpenAI-compatible HTTP API (``/v1/chat/completions``,
-``/v1/models``), for judges, synthetic data and ``OpenAIEngine`` tests.
+``/v1/models``), for judges, synthetic data and ``OpenAIEngine`` tests; with ``--engine vllm`` also a
+rollout server for RLVR's ``vllm_servers`` (posttrain.inference.vllm_servers).
 
-Requests run one at a time on the local engine (``TransformersEngine``). Supported request fields:
-``messages``, ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (default 1), ``top_p``,
+Requests run one at a time on the engine (``TransformersEngine`` or ``VLLMEngine``). Supported request
+fields: ``messages``, ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (default 1), ``top_p``,
 ``top_k``, ``seed``, ``stop``, ``n``. A malformed request gets HTTP 400 with an OpenAI-style error body.
+
+Rollout routes (``--engine vllm``):
+
+- ``GET /health``: ``{"model", "engine", "vocab_size", "weights_version"}``.
+- ``POST /posttrain/complete``: ``{"prompts": [[token ids], ...], "seeds": [...], "sampling": {...}}`` (one
+  completion per prompt, each with its seed; ``sampling``: ``max_new_tokens``, ``temperature``, ``top_p``,
+  ``top_k``, ``stop``) -> ``{"completions": [{"text", "token_ids", "finish_reason", "logprobs"}]}``.
+- ``POST /posttrain/weights``: the body is a safetensors file of the model's parameters by their
+  transformers names, header ``X-Weights-Version``; loaded in place (``VLLMEngine.load_weights``). Only
+  with ``--accept-weights``: anyone who can reach the port can then replace the model.
 
 ``faults`` (tests only) is a list consumed one item per request: an HTTP status to answer with,
 ``"timeout"`` (answer after ``fault_delay`` seconds), ``"drop"`` (close the connection unanswered) or
@@ -18,7 +29,9 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from posttrain.inference.engine import SamplingParams, TransformersEngine
+from posttrain.inference.engine import SamplingParams
+
+ROLLOUT_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "stop")
 
 
 class BadRequest(ValueError):
@@ -57,11 +70,36 @@ def check_messages(body: dict) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def make_server(engine: TransformersEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                faults: list | None = None, fault_delay: float = 5.0) -> ThreadingHTTPServer:
+def rollout_sampling(body: dict) -> SamplingParams:
+    given = body.get("sampling")
+    if not isinstance(given, dict) or set(given) - set(ROLLOUT_SAMPLING):
+        raise BadRequest(f"'sampling' must be an object with keys among {', '.join(ROLLOUT_SAMPLING)}")
+    try:
+        return SamplingParams(**given)
+    except TypeError as e:
+        raise BadRequest(f"'sampling': {e}") from None
+
+
+def check_rollout_request(body: dict, vocab_size: int) -> tuple[list[list[int]], list[int], SamplingParams]:
+    prompts, seeds = body.get("prompts"), body.get("seeds")
+    if not isinstance(prompts, list) or not isinstance(seeds, list) or len(prompts) != len(seeds):
+        raise BadRequest("'prompts' (lists of token ids) and 'seeds' must be lists of the same length")
+    vocab_size = vocab_size or 0
+    for i, p in enumerate(prompts):
+        if not isinstance(p, list) or not p or not all(isinstance(t, int) and 0 <= t < vocab_size for t in p):
+            raise BadRequest(f"prompts[{i}] must be a non-empty list of token ids below {vocab_size}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise BadRequest("'seeds' must be integers")
+    return prompts, seeds, rollout_sampling(body)
+
+
+def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+                faults: list | None = None, fault_delay: float = 5.0, accept_weights: bool = False) -> ThreadingHTTPServer:
     lock = threading.Lock()
     pending = list(faults or [])
-    served = {"completions": 0}
+    served = {"completions": 0, "weights_version": 0}
+    rollouts = hasattr(engine, "complete")  # the vLLM engine: per-completion seeds and weight loads
+    vocab_size = len(engine.tokenizer) if rollouts else None
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet
@@ -79,12 +117,55 @@ def make_server(engine: TransformersEngine, model_name: str, host: str = "127.0.
                 self.close_connection = True
 
         def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
+            if self.path.rstrip("/") == "/health":
+                self._send(200, {"model": model_name, "engine": type(engine).__name__, "vocab_size": vocab_size,
+                                 "weights_version": served["weights_version"], "rollouts": rollouts})
+            elif self.path.rstrip("/") == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "posttrain"}]})
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
+        def _rollout(self, route: str) -> None:
+            if not rollouts:
+                self._send(404, {"error": {"message": f"{route} needs serve --engine vllm", "type": "not_found"}})
+                return
+            length = int(self.headers.get("Content-Length", "0"))
+            if route == "/posttrain/weights":
+                if not accept_weights:
+                    self._send(403, {"error": {"message": "weight loads need serve --accept-weights", "type": "forbidden"}})
+                    return
+                from safetensors.torch import load
+
+                try:
+                    weights = load(self.rfile.read(length))
+                    version = int(self.headers.get("X-Weights-Version", "0"))
+                    with lock:
+                        engine.load_weights(weights.items())
+                        served["weights_version"] = version
+                except Exception as e:  # a file that is not safetensors, or names/shapes the model lacks
+                    self._send(400, {"error": {"message": f"weights not loaded: {str(e).splitlines()[0] if str(e) else e!r}",
+                                               "type": "invalid_request_error"}})
+                    return
+                self._send(200, {"weights_version": version})
+                return
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not isinstance(body, dict):
+                    raise BadRequest("the request body must be a JSON object")
+                prompts, seeds, sampling = check_rollout_request(body, vocab_size)
+            except (BadRequest, ValueError) as e:
+                self._send(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
+                return
+            with lock:
+                outs = engine.complete(prompts, seeds, sampling)
+                served["completions"] += len(outs)
+            self._send(200, {"completions": [{"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+                                              "logprobs": o.logprobs} for o in outs]})
+
         def do_POST(self):
+            if self.path.rstrip("/") in ("/posttrain/complete", "/posttrain/weights"):
+                self._rollout(self.path.rstrip("/"))
+                return
             if self.path.rstrip("/") != "/v1/chat/completions":
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
                 return
@@ -132,12 +213,15 @@ def make_server(engine: TransformersEngine, model_name: str, host: str = "127.0.
     return server
 
 
-def serve(model_path: str, host: str, port: int, batch_size: int = 8, name: str | None = None) -> None:
+def serve(model_path: str, host: str, port: int, batch_size: int = 8, name: str | None = None,
+          engine: str = "transformers", accept_weights: bool = False) -> None:
+    from posttrain.inference.open import local_engine
     from posttrain.util import log
 
-    engine = TransformersEngine.load(model_path, batch_size)
-    server = make_server(engine, name or model_path, host, port)
-    log(f"serving {model_path} as {name or model_path!r} on http://{host}:{server.server_address[1]}/v1")
+    server = make_server(local_engine(model_path, engine, batch_size), name or model_path, host, port,
+                         accept_weights=accept_weights)
+    log(f"serving {model_path} as {name or model_path!r} ({engine}) on http://{host}:{server.server_address[1]}/v1"
+        + (" and the rollout routes /posttrain/*" if engine == "vllm" else ""))
     try:
         server.serve_forever()
     finally:

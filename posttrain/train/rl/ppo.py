@@ -75,7 +75,8 @@ def batch_loss(logp: torch.Tensor, values: torch.Tensor, batch: dict, num_items:
     """Policy + value loss of one micro-batch divided by the global token count ``num_items``, and
     its metric sums."""
     mask = grpo.completion_mask(batch)
-    pg = grpo.token_losses(logp, batch["old_logp"], batch["advantages"], epsilon, epsilon_high)
+    pg = grpo.token_losses(logp, batch["old_logp"], batch["advantages"], epsilon, epsilon_high,
+                           is_weight=batch.get("is_weight"))
     vf = value_losses(values, batch["old_values"], batch["returns"], cliprange_value)
     numerator, _ = grpo.aggregate(pg + vf_coef * vf, mask, "token_mean", 0)
     metrics = grpo.update_metrics(logp, batch, mask, epsilon, epsilon_high)

@@ -1,11 +1,16 @@
-"""Decoding speed: posttrain's engine against plain ``model.generate``, and the memory-bandwidth limit.
+"""Decoding speed: posttrain's engine (and the vLLM engine) against plain ``model.generate``, and the
+memory-bandwidth limit.
 
     python bench/generate.py                       # tiny model and SmolLM2-135M-Instruct
     python bench/generate.py --models smollm2 --new-tokens 64 --rounds 3
+    python bench/generate.py --models smollm2 --batch-size 8,64 --vllm   # with VLLMEngine rows (docs/engines.md)
 
 Both decode the same batch of GSM8K questions (rendered with the chat template, left-padded),
 greedy, fp32, ``--new-tokens`` new tokens, batch ``--batch``; the engine's tokens must equal
-``generate``'s (checked). Tokens/s counts generated tokens (prefill included in the time). The
+``generate``'s (checked); vLLM's greedy tokens are compared with ``generate``'s and the share of equal
+completions is printed (float32 kernels differ: near-ties may flip). vLLM's engine start is timed
+apart and not in its tokens/s; its rounds run after the others (a vLLM engine in the process slows
+plain torch down here). Tokens/s counts generated tokens (prefill included in the time). The
 bandwidth limit is ``batch / (weight bytes / read rate)``: each decode step reads every weight once,
 and the read rate is the best of five timings of summing a float32 tensor of that size.
 """
@@ -39,7 +44,7 @@ def read_rate(num_bytes: int) -> float:
     return best
 
 
-def run(name: str, path: str, batch: int, new_tokens: int, rounds: int) -> dict:
+def run(name: str, path: str, batch: int, new_tokens: int, rounds: int) -> tuple[dict, list[list[int]]]:
     from posttrain.data import chat
     from posttrain.inference.engine import SamplingParams, TransformersEngine
     from posttrain.models import load_model, load_tokenizer
@@ -74,13 +79,35 @@ def run(name: str, path: str, batch: int, new_tokens: int, rounds: int) -> dict:
          "weights_mib": round(weight_bytes / 2**20, 1)}
     r["ratio"] = round(r["engine_tok_s"] / r["generate_tok_s"], 2)
     r["share_of_limit"] = round(r["engine_tok_s"] / limit, 3)
-    return r
+    return r, refs
+
+
+def run_vllm(path: str, runs: list[tuple[dict, list[list[int]]]], new_tokens: int, rounds: int) -> None:
+    """VLLMEngine rows, added to the results of ``run``: timed after the others, since a vLLM engine in
+    the process slows plain torch down here (~20% for our engine, ~10% for ``generate``)."""
+    from posttrain.inference.engine import SamplingParams
+    from posttrain.inference.vllm_engine import VLLMEngine
+
+    t = time.perf_counter()
+    vllm = VLLMEngine(path, batch_size=max(r["batch"] for r, _ in runs))
+    for r, refs in runs:
+        r["vllm_start_seconds"] = round(time.perf_counter() - t, 1)
+        prompts, fast, agree = questions(r["batch"]), [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            outs = vllm.generate(prompts, SamplingParams(max_new_tokens=new_tokens))
+            fast.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0))
+            agree.append(sum(o.token_ids == ref for o, ref in zip(outs, refs)) / len(refs))
+        r["vllm_tok_s"] = round(statistics.median(fast), 1)
+        r["vllm_ratio"] = round(r["vllm_tok_s"] / r["generate_tok_s"], 2)
+        r["vllm_greedy_equal"] = min(agree)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,smollm2")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", default="8", help="comma-separated batch sizes, e.g. 8,64")
+    p.add_argument("--vllm", action="store_true", help="also VLLMEngine (the optional extra), started once per model")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
@@ -95,14 +122,19 @@ def main() -> None:
                 from posttrain.models import resolve
 
                 path = resolve("smollm2-135m-instruct")
-            r = run(name, path, args.batch_size, args.new_tokens, args.rounds)
-            results.append(r)
-            print(json.dumps(r), flush=True)
-    print("\n| model | batch | engine tok/s | generate tok/s | ratio | bandwidth limit tok/s | engine / limit |")
-    print("|---|---|---|---|---|---|---|")
+            runs = [run(name, path, int(b), args.new_tokens, args.rounds) for b in args.batch_size.split(",")]
+            if args.vllm:
+                run_vllm(path, runs, args.new_tokens, args.rounds)
+            for r, _ in runs:
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    print("\n| model | batch | engine tok/s | generate tok/s | ratio | bandwidth limit tok/s | engine / limit |"
+          + (" vLLM tok/s | vLLM / generate | vLLM greedy = generate |" if args.vllm else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|" if args.vllm else ""))
     for r in results:
         print(f"| {r['model']} | {r['batch']} | {r['engine_tok_s']} | {r['generate_tok_s']} | {r['ratio']}x | "
-              f"{r['bandwidth_limit_tok_s']} | {r['share_of_limit']:.0%} |")
+              f"{r['bandwidth_limit_tok_s']} | {r['share_of_limit']:.0%} |"
+              + (f" {r['vllm_tok_s']} | {r['vllm_ratio']}x | {r['vllm_greedy_equal']:.0%} |" if args.vllm else ""))
 
 
 if __name__ == "__main__":

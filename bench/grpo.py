@@ -2,13 +2,16 @@
 
     python bench/grpo.py                         # tiny model and SmolLM2-135M-Instruct
     python bench/grpo.py --models smollm2 --steps 4 --rounds 1
+    python bench/grpo.py --models smollm2 --batch-size 8,64 --engines transformers,vllm --no-trl
 
 Same model, prompts (GSM8K train questions as chat), G = --generations completions per prompt,
 --batch-size completions per step (one optimizer step per rollout batch, no accumulation),
 --completion-length new tokens at temperature 1, the same reward (posttrain's ``gsm8k`` verifier),
 beta 0, fp32, CPU; TRL with ``use_vllm=False``, ``use_cpu=True``, ``bf16=False`` and gradient
-checkpointing off like ours. Rollouts/s = completions per second over the steps after the first
-(warm-up). The runs alternate, posttrain first, in this one process.
+checkpointing off like ours. ``--engines transformers,vllm`` adds posttrain with vLLM rollouts
+(``engine: vllm``, colocated: weights pushed every step, old log-probs recomputed). Rollouts/s =
+completions per second over the steps after the first (warm-up, and the vLLM engine's start). The
+runs alternate, posttrain first, in this one process.
 """
 
 from __future__ import annotations
@@ -38,22 +41,26 @@ def prompts_file(path: Path, n: int) -> Path:
     return path
 
 
-def run_posttrain(model: str, data: Path, out: Path, args) -> float:
+def run_posttrain(model: str, data: Path, out: Path, args, batch: int, engine: str) -> tuple[float, dict]:
+    """Rollouts/s, and the median seconds of a step's parts (steps after the first)."""
     from posttrain.config import RLVRConfig, load_config
     from posttrain.train.rlvr import run_rlvr
 
     cfg = load_config(RLVRConfig, base={
         "model": model, "output_dir": str(out), "overwrite_output_dir": True, "datasets": [{"path": str(data)}],
-        "num_generations": args.generations, "per_device_train_batch_size": args.batch_size,
-        "max_completion_length": args.completion_length, "generation_batch_size": args.batch_size, "max_steps": args.steps,
-        "learning_rate": 1e-6, "save_steps": 0, "temperature": 1.0, "loss_type": "token_mean"})
+        "num_generations": args.generations, "per_device_train_batch_size": batch,
+        "max_completion_length": args.completion_length, "generation_batch_size": batch, "max_steps": args.steps,
+        "learning_rate": 1e-6, "save_steps": 0, "temperature": 1.0, "loss_type": "token_mean", "engine": engine,
+        "decontaminate_against": []})
     run_rlvr(cfg)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    points = [(r["elapsed_seconds"], r["step"] * args.batch_size) for r in rows]
-    return rate(points)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    points = [(r["elapsed_seconds"], r["step"] * batch) for r in rows]
+    parts = {k: statistics.median(r[k] for r in rows[1:]) for k in ("step_seconds", "generate_seconds", "weight_push_seconds")
+             if k in rows[-1]}
+    return rate(points), parts
 
 
-def run_trl(model: str, data: Path, out: Path, args) -> float:
+def run_trl(model: str, data: Path, out: Path, args, batch: int) -> float:
     from datasets import load_dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -72,11 +79,11 @@ def run_trl(model: str, data: Path, out: Path, args) -> float:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            points.append((time.perf_counter() - self.t0, state.global_step * args.batch_size))
+            points.append((time.perf_counter() - self.t0, state.global_step * batch))
 
     ds = load_dataset("json", data_files=str(data), split="train").remove_columns(["messages", "verifier"])
-    config = GRPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                        num_generations=args.generations, generation_batch_size=args.batch_size,
+    config = GRPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=batch,
+                        num_generations=args.generations, generation_batch_size=batch,
                         max_completion_length=args.completion_length, learning_rate=1e-6, beta=0.0,
                         temperature=1.0, use_vllm=False, use_cpu=True, bf16=False, gradient_checkpointing=False,
                         report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, loss_type="bnpo")
@@ -90,7 +97,9 @@ def main() -> None:
     p.add_argument("--models", default="tiny,smollm2")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=16, help="completions per step")
+    p.add_argument("--batch-size", default="16", help="completions per step; comma-separated for several, e.g. 8,64")
+    p.add_argument("--engines", default="transformers", help="posttrain's rollout engines, e.g. transformers,vllm")
+    p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True, help="also TRL's GRPOTrainer")
     p.add_argument("--completion-length", type=int, default=32)
     p.add_argument("--rounds", type=int, default=1)
     args = p.parse_args()
@@ -107,21 +116,31 @@ def main() -> None:
                 from posttrain.models import resolve
 
                 model = resolve("smollm2-135m-instruct")
-            ours, theirs = [], []
-            for i in range(args.rounds):
-                ours.append(run_posttrain(model, data, tmp / f"ours-{name}-{i}", args))
-                theirs.append(run_trl(model, data, tmp / f"trl-{name}-{i}", args))
-                print(f"{name} round {i}: posttrain {ours[-1]:.2f} vs TRL {theirs[-1]:.2f} rollouts/s", file=sys.stderr)
-            r = {"model": name, "posttrain_rollouts_s": round(statistics.median(ours), 3),
-                 "trl_rollouts_s": round(statistics.median(theirs), 3)}
-            r["ratio"] = round(r["posttrain_rollouts_s"] / r["trl_rollouts_s"], 2)
-            results.append(r)
-            print(json.dumps(r), flush=True)
-    print(f"\nG={args.generations}, {args.batch_size} completions/step, {args.completion_length} new tokens, {args.steps} steps")
-    print("| model | posttrain rollouts/s | TRL GRPOTrainer rollouts/s | ratio |\n|---|---|---|---|")
+            for batch in (int(b) for b in args.batch_size.split(",")):
+                got: dict[str, list[float]] = {}
+                for i in range(args.rounds):
+                    for engine in args.engines.split(","):
+                        speed, parts = run_posttrain(model, data, tmp / f"ours-{name}-{engine}-{batch}-{i}", args, batch,
+                                                     engine)
+                        got.setdefault(engine, []).append(speed)
+                        print(f"{name} batch {batch} round {i}: posttrain ({engine}) {speed:.2f} rollouts/s; median seconds "
+                              f"per step: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), file=sys.stderr)
+                    if args.trl:
+                        got.setdefault("trl", []).append(run_trl(model, data, tmp / f"trl-{name}-{batch}-{i}", args, batch))
+                        print(f"{name} batch {batch} round {i}: TRL {got['trl'][-1]:.2f} rollouts/s", file=sys.stderr)
+                r = {"model": name, "batch": batch, **{k: round(statistics.median(v), 3) for k, v in got.items()}}
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    print(f"\nG={args.generations}, {args.completion_length} new tokens, {args.steps} steps; rollouts/s")
+    sides = args.engines.split(",") + (["trl"] if args.trl else [])
+    ratios = [(a, b) for a, b in (("vllm", "transformers"), ("transformers", "trl"), ("vllm", "trl"))
+              if a in sides and b in sides]
+    print("| model | completions/step | " + " | ".join(f"posttrain ({s})" if s != "trl" else "TRL GRPOTrainer" for s in sides)
+          + "".join(f" | {a} / {b}" for a, b in ratios) + " |")
+    print("|---|---|" + "---|" * (len(sides) + len(ratios)))
     for r in results:
-        print(f"| {r['model']} | {r['posttrain_rollouts_s']} | {r['trl_rollouts_s']} | {r['ratio']}x |")
-
+        print(f"| {r['model']} | {r['batch']} | " + " | ".join(str(r[s]) for s in sides)
+              + "".join(f" | {r[a] / r[b]:.2f}x" for a, b in ratios) + " |")
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,10 @@ imported only when a ``VLLMEngine`` is made; without it the error says how to in
   on disk: the worker's in-place ``reload_weights``, which re-runs the kernels' weight processing) and
   drops the prefix cache, whose keys and values the old weights computed.
 
+Chunked prefill is off: with it, vLLM 0.32's CPU runner fails on a seeded request whose prompt is
+split over two scheduler steps ("CPU Generator does not use offset"), which happens as soon as a
+batch's prompts exceed the per-step token budget (64 completions of ~90-token prompts).
+
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so no ``__main__``
 guard is needed and a weight push is a function call. On a CPU the KV cache takes
 ``VLLM_CPU_KVCACHE_SPACE`` GiB (default here 1); on a GPU, ``gpu_memory_utilization``.
@@ -36,6 +40,9 @@ INSTALL = ("vLLM is not installed: pip install -e '.[vllm]' (GPU), or on a CPU: 
 def import_vllm():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM 0.32's AOT compile cache fails to load on the CPU build ("'function' object has no attribute
+    # 'finalize_loading'") and every start compiles again; inductor's own cache loads (SmolLM2: 120 s, then 55 s)
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     try:
         import vllm
     except ImportError:
@@ -59,7 +66,7 @@ class VLLMEngine:
         try:
             self.llm = vllm.LLM(model=self.path, tokenizer=self.path, dtype=dtype, seed=seed,
                                 max_model_len=max_model_len, logprobs_mode="processed_logprobs",
-                                enable_prefix_caching=True, **extra)
+                                enable_prefix_caching=True, enable_chunked_prefill=False, **extra)
         except (OSError, ValueError) as e:
             raise UserError(f"vllm: could not start an engine for {path} ({str(e).splitlines()[0]})") from None
         self._SamplingParams = vllm.SamplingParams

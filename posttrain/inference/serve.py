@@ -6,9 +6,9 @@ Requests run one at a time on the engine (``TransformersEngine`` or ``VLLMEngine
 fields: ``messages``, ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (default 1), ``top_p``,
 ``top_k``, ``seed``, ``stop``, ``n``. A malformed request gets HTTP 400 with an OpenAI-style error body.
 
-Rollout routes (``--engine vllm``):
+Rollout routes (``--engine vllm``; the transformers engine answers them with 404):
 
-- ``GET /health``: ``{"model", "engine", "vocab_size", "weights_version"}``.
+- ``GET /health`` (either engine): ``{"model", "engine", "rollouts", "vocab_size", "weights_version"}``.
 - ``POST /posttrain/complete``: ``{"prompts": [[token ids], ...], "seeds": [...], "sampling": {...}}`` (one
   completion per prompt, each with its seed; ``sampling``: ``max_new_tokens``, ``temperature``, ``top_p``,
   ``top_k``, ``stop``) -> ``{"completions": [{"text", "token_ids", "finish_reason", "logprobs"}]}``.
@@ -84,7 +84,6 @@ def check_rollout_request(body: dict, vocab_size: int) -> tuple[list[list[int]],
     prompts, seeds = body.get("prompts"), body.get("seeds")
     if not isinstance(prompts, list) or not isinstance(seeds, list) or len(prompts) != len(seeds):
         raise BadRequest("'prompts' (lists of token ids) and 'seeds' must be lists of the same length")
-    vocab_size = vocab_size or 0
     for i, p in enumerate(prompts):
         if not isinstance(p, list) or not p or not all(isinstance(t, int) and 0 <= t < vocab_size for t in p):
             raise BadRequest(f"prompts[{i}] must be a non-empty list of token ids below {vocab_size}")

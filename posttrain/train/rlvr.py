@@ -316,7 +316,7 @@ def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict]
         cap = cfg.vllm_importance_sampling_cap
         for r in records:
             r["is_weight"] = [math.exp(min(o - e, math.log(cap))) for o, e in zip(r["old_logp"], r["engine_logp"])]
-        metrics["importance_sampling_capped"] = float(sum(o - e >= math.log(cap) for r in records
+        metrics["importance_sampling_capped"] = float(sum(o - e > math.log(cap) for r in records
                                                           for o, e in zip(r["old_logp"], r["engine_logp"])))
     if cfg.algorithm == "grpo":
         adv, varied = grpo.group_advantages(scores, cfg.num_generations, cfg.scale_rewards)

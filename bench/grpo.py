@@ -9,7 +9,9 @@ Same model, prompts (GSM8K train questions as chat), G = --generations completio
 --completion-length new tokens at temperature 1, the same reward (posttrain's ``gsm8k`` verifier),
 beta 0, fp32, CPU; TRL with ``use_vllm=False``, ``use_cpu=True``, ``bf16=False`` and gradient
 checkpointing off like ours. ``--engines transformers,vllm`` adds posttrain with vLLM rollouts
-(``engine: vllm``, colocated: weights pushed every step, old log-probs recomputed). Rollouts/s =
+(``engine: vllm``, colocated: weights pushed every step, old log-probs recomputed); ``vllm-server``
+draws them from a ``posttrain serve --engine vllm`` process started for the run (``vllm_servers``,
+weights pushed over HTTP; its start is not timed). Rollouts/s =
 completions per second over the steps after the first (warm-up, and the vLLM engine's start). The
 runs alternate, posttrain first, in this one process.
 """
@@ -46,18 +48,49 @@ def run_posttrain(model: str, data: Path, out: Path, args, batch: int, engine: s
     from posttrain.config import RLVRConfig, load_config
     from posttrain.train.rlvr import run_rlvr
 
-    cfg = load_config(RLVRConfig, base={
-        "model": model, "output_dir": str(out), "overwrite_output_dir": True, "datasets": [{"path": str(data)}],
-        "num_generations": args.generations, "per_device_train_batch_size": batch,
-        "max_completion_length": args.completion_length, "generation_batch_size": batch, "max_steps": args.steps,
-        "learning_rate": 1e-6, "save_steps": 0, "temperature": 1.0, "loss_type": "token_mean", "engine": engine,
-        "decontaminate_against": []})
-    run_rlvr(cfg)
+    server = start_server(model, batch) if engine == "vllm-server" else None
+    try:
+        cfg = load_config(RLVRConfig, base={
+            "model": model, "output_dir": str(out), "overwrite_output_dir": True, "datasets": [{"path": str(data)}],
+            "num_generations": args.generations, "per_device_train_batch_size": batch,
+            "max_completion_length": args.completion_length, "generation_batch_size": batch, "max_steps": args.steps,
+            "learning_rate": 1e-6, "save_steps": 0, "temperature": 1.0, "loss_type": "token_mean",
+            "engine": "vllm" if server else engine, "vllm_servers": [server[1]] if server else [],
+            "decontaminate_against": []})
+        run_rlvr(cfg)
+    finally:
+        if server:
+            server[0].kill()
+            server[0].wait()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     points = [(r["elapsed_seconds"], r["step"] * batch) for r in rows]
     parts = {k: statistics.median(r[k] for r in rows[1:]) for k in ("step_seconds", "generate_seconds", "weight_push_seconds")
              if k in rows[-1]}
     return rate(points), parts
+
+
+def start_server(model: str, batch: int):
+    """``posttrain serve --engine vllm --accept-weights`` in another process (for ``vllm-server``), once it answers."""
+    import socket
+    import subprocess
+
+    from posttrain.inference.vllm_servers import ServerFailed, call
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", "--model", model, "--engine", "vllm",
+                             "--accept-weights", "--port", str(port), "--batch-size", str(batch)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with {proc.returncode}")
+        try:
+            call(url, "/health", None, 5.0)
+            return proc, url
+        except ServerFailed:
+            time.sleep(2.0)
 
 
 def run_trl(model: str, data: Path, out: Path, args, batch: int) -> float:
@@ -133,8 +166,8 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
     print(f"\nG={args.generations}, {args.completion_length} new tokens, {args.steps} steps; rollouts/s")
     sides = args.engines.split(",") + (["trl"] if args.trl else [])
-    ratios = [(a, b) for a, b in (("vllm", "transformers"), ("transformers", "trl"), ("vllm", "trl"))
-              if a in sides and b in sides]
+    ratios = [(a, b) for a, b in (("vllm", "transformers"), ("vllm-server", "transformers"), ("transformers", "trl"),
+                                  ("vllm", "trl")) if a in sides and b in sides]
     print("| model | completions/step | " + " | ".join(f"posttrain ({s})" if s != "trl" else "TRL GRPOTrainer" for s in sides)
           + "".join(f" | {a} / {b}" for a, b in ratios) + " |")
     print("|---|---|" + "---|" * (len(sides) + len(ratios)))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import mod2_task_files, thinker_model, thinking_records
-from test_rlvr import documented_metrics
+from test_rlvr import documented_metrics, heldout_accuracy
 
 from posttrain.config import load_config
 from posttrain.inference import budget_forcing
@@ -146,7 +146,7 @@ def test_grpo_with_vllm_rollouts_gains_as_much_as_with_the_transformers_engine(m
     step, old log-probs recomputed by the trainer, truncated importance sampling on) is the
     transformers engine's or more. Measured here: base 0.47; transformers 0.59 / 0.71 / 0.43, vLLM 0.61 /
     0.78 / 0.55 (means 0.58 and 0.65). Every step's vLLM log-probs equal the trainer's."""
-    base = heldout_accuracy(mod2)
+    base = heldout_accuracy(mod2, mod2["sft"])
     final = {}
     for engine in ("transformers", "vllm"):
         extra = {"engine": "vllm", "vllm_importance_sampling_cap": 2.0} if engine == "vllm" else {}
@@ -164,17 +164,6 @@ def test_grpo_with_vllm_rollouts_gains_as_much_as_with_the_transformers_engine(m
     mean = {e: sum(final[e, s] for s in (0, 1, 2)) / 3 for e in ("transformers", "vllm")}
     assert mean["transformers"] >= base + 0.05, (base, final)
     assert mean["vllm"] >= mean["transformers"] - 0.03, (base, final)
-
-
-def heldout_accuracy(mod2) -> float:
-    from posttrain.config import DataSource, RLVRConfig
-    from posttrain.data.mixing import mix
-    from posttrain.train.rlvr import accuracy_fn, prepare_prompts
-
-    tok = load_tokenizer(mod2["sft"])
-    held, _ = prepare_prompts(tok, mix([DataSource(path=str(mod2["heldout"]))], "verifiable", 0)[0], 512)
-    cfg = load_config(RLVRConfig, base={**mod2["base"], "output_dir": "unused"})
-    return accuracy_fn(held, tok, cfg)(load_model(mod2["sft"]))["accuracy"]
 
 
 def free_port() -> int:

@@ -50,6 +50,13 @@ def import_vllm():
     return vllm
 
 
+def named_weights(model) -> list[tuple]:
+    """``(name, CPU tensor)`` for every parameter of a transformers model, tied ones under every name
+    (vLLM's loader reads the output embedding as ``lm_head.weight``); ``(name, tensor)`` pairs pass through."""
+    pairs = model.named_parameters(remove_duplicate=False) if hasattr(model, "named_parameters") else model
+    return [(name, t.detach().to("cpu")) for name, t in pairs]
+
+
 class VLLMEngine:
     def __init__(self, path: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int | None = None,
                  gpu_memory_utilization: float | None = None, batch_size: int | None = None):
@@ -102,10 +109,8 @@ class VLLMEngine:
 
     def load_weights(self, model) -> None:
         """Copy a transformers model's weights (or ``(name, tensor)`` pairs with its parameter names)
-        into the engine's model, then drop the prefix cache. Tied weights are sent under every name
-        (``lm_head.weight`` too): vLLM's loader reads the output embedding by that name."""
-        pairs = model.named_parameters(remove_duplicate=False) if hasattr(model, "named_parameters") else model
-        weights = [(name, t.detach().to("cpu")) for name, t in pairs]
+        into the engine's model (``named_weights``), then drop the prefix cache."""
+        weights = named_weights(model)
         # the worker's in-place reload: checkpoint-format tensors through the model's own loader, then the
         # kernels' post-processing (e.g. CPU weight repacking) again, as at start-up
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})

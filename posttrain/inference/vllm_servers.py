@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from posttrain.data import chat
 from posttrain.errors import UserError
 from posttrain.inference.engine import Completion, SamplingParams, completion_requests, encode_prompt
+from posttrain.inference.serve import ROLLOUT_SAMPLING
+from posttrain.inference.vllm_engine import named_weights
 from posttrain.util import log
 
 
@@ -36,7 +38,7 @@ class ServerFailed(Exception):
         self.status = status  # an HTTP status, or None when the server did not answer
 
 
-def refused(url: str, e: ServerFailed) -> bool:
+def refused(e: ServerFailed) -> bool:
     """A 4xx: the server is up and says the request is wrong; another server would say the same."""
     return e.status is not None and 400 <= e.status < 500
 
@@ -62,10 +64,9 @@ def weights_file(model) -> bytes:
     every name."""
     from safetensors.torch import save
 
-    pairs = model.named_parameters(remove_duplicate=False) if hasattr(model, "named_parameters") else model
     tensors, seen = {}, set()
-    for name, t in pairs:
-        t = t.detach().to("cpu").contiguous()
+    for name, t in named_weights(model):
+        t = t.contiguous()
         if t.data_ptr() in seen:  # safetensors stores no shared memory
             t = t.clone()
         seen.add(t.data_ptr())
@@ -121,7 +122,7 @@ class VLLMServers:
                 call(url, "/posttrain/weights", body, self.timeout, headers)
                 return url, None
             except ServerFailed as e:
-                if refused(url, e):
+                if refused(e):
                     raise UserError(f"vllm_servers: {url} refused the weights ({e})") from None
                 return url, str(e)
 
@@ -140,8 +141,7 @@ class VLLMServers:
     def generate(self, prompts: list, sampling: SamplingParams | None = None) -> list[Completion]:
         sampling = sampling or SamplingParams()
         requests = completion_requests(self.tokenizer, prompts, sampling)
-        given = {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                 "top_k": sampling.top_k, "stop": list(sampling.stop)}
+        given = {key: getattr(sampling, key) for key in ROLLOUT_SAMPLING}
         results: list[Completion | None] = [None] * len(requests)
         todo = list(range(len(requests)))
         while todo:
@@ -162,7 +162,7 @@ class VLLMServers:
                         raise ServerFailed(f"{len(out.get('completions', []))} completions for {len(idx)} prompts")
                     return url, idx, out["completions"], None
                 except ServerFailed as e:
-                    if refused(url, e):
+                    if refused(e):
                         raise UserError(f"vllm_servers: {url} refused the rollout request ({e})") from None
                     return url, idx, [], str(e)
                 except (KeyError, TypeError) as e:

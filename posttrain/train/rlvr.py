@@ -313,11 +313,13 @@ def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict]
     if cfg.engine == "vllm":
         metrics["engine_logprob_abs_diff"] = sum(abs(a - b) for r in records for a, b in zip(r["engine_logp"], r["old_logp"]))
     if cfg.vllm_importance_sampling_cap is not None:  # truncated importance sampling (posttrain.train.rl.grpo)
-        cap = cfg.vllm_importance_sampling_cap
+        log_cap = math.log(cap := cfg.vllm_importance_sampling_cap)
+        capped = 0
         for r in records:
-            r["is_weight"] = [math.exp(min(o - e, math.log(cap))) for o, e in zip(r["old_logp"], r["engine_logp"])]
-        metrics["importance_sampling_capped"] = float(sum(o - e > math.log(cap) for r in records
-                                                          for o, e in zip(r["old_logp"], r["engine_logp"])))
+            log_ratios = [o - e for o, e in zip(r["old_logp"], r["engine_logp"])]
+            r["is_weight"] = [math.exp(x) if x <= log_cap else cap for x in log_ratios]
+            capped += sum(x > log_cap for x in log_ratios)
+        metrics["importance_sampling_capped"] = float(capped)
     if cfg.algorithm == "grpo":
         adv, varied = grpo.group_advantages(scores, cfg.num_generations, cfg.scale_rewards)
         for r, a, keep in zip(records, adv.tolist(), varied.tolist()):

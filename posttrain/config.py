@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,6 +77,11 @@ class TrainConfig:
     seed: int = 42
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    # several processes (torchrun, accelerate launch): ddp gives each the whole model; fsdp shards
+    # parameters, gradients and optimizer state (FSDP2, one unit per decoder layer; docs/distributed.md)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_reshard_after_forward: bool = True  # free a layer's gathered weights after its forward
+    fsdp_cpu_offload: bool = False  # shards, gradients and the optimizer step in CPU memory
     # LoRA through peft (TRL's names); the final checkpoint has the adapter merged in
     use_peft: bool = False
     lora_r: int = 16
@@ -109,6 +116,10 @@ class TrainConfig:
             raise UserError(f"config: key 'warmup_ratio' must be in [0, 1], got {self.warmup_ratio}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise UserError("config: set 'max_steps' > 0 or 'num_train_epochs' > 0")
+        if self.parallel != "fsdp" and self.fsdp_cpu_offload:
+            raise UserError("config: key 'fsdp_cpu_offload' needs parallel: fsdp")
+        if self.parallel == "fsdp" and self.use_peft:
+            raise UserError("config: use_peft with parallel: fsdp is not supported (use parallel: ddp for LoRA)")
         for i, src in enumerate(self.datasets):
             src.validate(f"config: datasets[{i}]")
         for i, src in enumerate(self.eval_datasets):
@@ -132,6 +143,10 @@ class SFTConfig(TrainConfig):
 NON_SEMANTIC_KEYS = {"save_steps", "save_total_limit", "logging_steps", "report_to", "overwrite_output_dir",
                      "per_device_eval_batch_size", "eval_steps", "decontaminate_against",
                      "vllm_servers"}  # where rollouts are drawn, not what they are: a resumed run may use others
+# How a run is laid out over processes and memory, not what it computes (the same up to float rounding):
+# a resumed run may change them as long as the global batch, which the hash counts, stays the same.
+LAYOUT_KEYS = {"per_device_train_batch_size", "gradient_accumulation_steps", "parallel", "fsdp_reshard_after_forward",
+               "fsdp_cpu_offload", "gradient_checkpointing"}
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -266,9 +281,27 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def world_size() -> int:
+    """The number of processes of this job (set by torchrun and accelerate launch), 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def semantic(cls: type, data: dict) -> dict:
+    """The keys of a config (class ``cls``, values ``data``) that change what a run computes: without
+    ``NON_SEMANTIC_KEYS``; a training config's ``LAYOUT_KEYS`` replaced by its global batch
+    (per-device batch x accumulation x processes)."""
+    d = {k: v for k, v in data.items() if k not in NON_SEMANTIC_KEYS}
+    if issubclass(cls, TrainConfig):
+        default = {f.name: f.default for f in dataclasses.fields(cls)}
+        batch = math.prod(d.get(k, default[k]) for k in ("per_device_train_batch_size", "gradient_accumulation_steps"))
+        d = {k: v for k, v in d.items() if k not in LAYOUT_KEYS}
+        d["global_batch_size"] = batch * world_size()
+    return d
+
+
 def config_hash(cfg) -> str:
-    """A hash of everything that changes what a run computes (not how it is logged or saved)."""
-    d = {k: v for k, v in to_dict(cfg).items() if k not in NON_SEMANTIC_KEYS}
+    """A hash of everything that changes what a run computes (not how it is logged, saved or laid out)."""
+    d = semantic(type(cfg), to_dict(cfg))
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -104,11 +104,30 @@ def load_model(name: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     path = resolve(name)
+    if (Path(path) / "sharded").is_dir():
+        return load_sharded_checkpoint(Path(path), getattr(torch, DTYPES[dtype]))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]))
     except (OSError, ValueError) as e:
         raise UserError(f"model {name!r}: could not load ({str(e).splitlines()[0]})") from None
     return model
+
+
+def load_sharded_checkpoint(path: Path, dtype):
+    """The model of a checkpoint written under ``parallel: fsdp`` (``sharded/``, DCP shards of every
+    process, posttrain.train.parallel): rebuilt from its ``config.json``, its weights read from the
+    shards (without a process group), ready for evaluation."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    prefix = json.loads((path / "trainer_state.json").read_text())["model_prefix"]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    state = {"model": {prefix + k: v for k, v in model.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(path / "sharded"))
+    model.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items()})
+    return model.eval()
 
 
 def build_tiny(out_dir: str | Path, texts: list[str], *, vocab_size: int = 512, hidden_size: int = 64,

@@ -21,6 +21,11 @@ same chain resumes from its last checkpoint; a changed config (or any change ups
 scratch, and with it every later stage. ``output_dir/report.md`` and ``report.html`` (with PNG loss
 curves) gather each stage's metrics, manifest and the license of every data source that reached
 the model; ``output_dir/stages.json`` lists the stages in order.
+
+Several processes (``torchrun --nproc_per_node N -m posttrain.cli run RECIPE``, or ``accelerate
+launch``): every process runs the recipe; training stages train on all of them (DDP or FSDP, each
+stage's ``parallel``), evaluation, test-time-scaling and pair stages run on process 0 while the others
+wait, and process 0 alone writes the state files, ``stages.json`` and the report.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import hashlib
 import html
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from posttrain.atomic import write_json, write_text
-from posttrain.config import read_yaml
+from posttrain.config import read_yaml, semantic, world_size
 from posttrain.errors import UserError
 from posttrain.stages import STAGES as TRAINING_STAGES
 from posttrain.util import log
@@ -43,8 +49,10 @@ STATE_DIR = ".pipeline"  # under the recipe's output_dir: one chain-hash file pe
 
 
 def chain_hash(parent: str, stage: dict) -> str:
-    body = json.dumps({"parent": parent, "stage": stage["stage"], "config": stage.get("config", {})}, sort_keys=True,
-                      default=str)
+    config = stage.get("config", {})
+    if stage["stage"] in TRAINING:  # what the stage computes, not how it is logged or laid out over processes
+        config = semantic(TRAINING_STAGES[stage["stage"]][0], config)
+    body = json.dumps({"parent": parent, "stage": stage["stage"], "config": config}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -81,9 +89,26 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     return recipe
 
 
+def process_group() -> tuple[int, Callable[[], None]]:
+    """This process's rank and a barrier: under a launcher (``WORLD_SIZE`` > 1) the group every stage
+    shares, made here unless a stage has made it already (with a long timeout: the other processes
+    wait through process 0's evaluations); rank 0 and a no-op alone."""
+    if world_size() == 1:
+        return 0, lambda: None
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=24))
+    return dist.get_rank(), dist.barrier
+
+
 def run(recipe_path: str | Path, overrides: list[str] = ()) -> list[dict]:
     recipe = load_recipe(recipe_path, list(overrides))
     root = Path(recipe["output_dir"])
+    rank, barrier = process_group()
     root.mkdir(parents=True, exist_ok=True)
     parent, model, summary = "", None, []
     before = {}  # a skipped stage keeps the time it took when it ran
@@ -93,19 +118,22 @@ def run(recipe_path: str | Path, overrides: list[str] = ()) -> list[dict]:
         chain = chain_hash(parent, s)
         out = Path(s["config"].get("output_dir") or root / s["name"])
         started = time.time()
-        result = _run_stage(s, out, model, chain, _state(root, s["name"]))
+        result = _run_stage(s, out, model, chain, _state(root, s["name"]), rank, barrier)
         entry = {"stage": s["name"], "kind": s["stage"], "output_dir": str(out), "chain_hash": chain,
                  "skipped": result.pop("skipped", False), "seconds": round(time.time() - started, 2), **result}
         if entry["skipped"] and s["name"] in before and before[s["name"]].get("chain_hash") == chain:
             entry["seconds"] = before[s["name"]]["seconds"]
         summary.append(entry)
+        barrier()
         log(f"run: stage {s['name']} ({s['stage']}) " + ("skipped, already done" if entry["skipped"] else
                                                           f"done in {entry['seconds']} s"))
         if s["stage"] in TRAINING:
             model = str(out)
         parent = chain
-    write_json(root / "stages.json", summary)
-    write_report(root, recipe, summary)
+    if rank == 0:
+        write_json(root / "stages.json", summary)
+        write_report(root, recipe, summary)
+    barrier()
     return summary
 
 
@@ -113,7 +141,8 @@ def _state(root: Path, name: str) -> Path:
     return root / STATE_DIR / f"{name}.json"
 
 
-def _run_stage(s: dict, out: Path, model: str | None, chain: str, state: Path) -> dict:
+def _run_stage(s: dict, out: Path, model: str | None, chain: str, state: Path, rank: int = 0,
+               barrier: Callable[[], None] = lambda: None) -> dict:
     config = dict(s["config"])
     if s["stage"] in TRAINING:
         config.setdefault("model", model)
@@ -124,11 +153,14 @@ def _run_stage(s: dict, out: Path, model: str | None, chain: str, state: Path) -
     config["output_dir"] = str(out)
     previous = json.loads(state.read_text())["chain_hash"] if state.is_file() else None
     fresh = previous != chain  # a different config here or upstream (or never run): start over
-    if fresh:  # recorded before the stage starts, so an interrupted stage resumes on the next run
+    barrier()  # every process has read the state before process 0 changes it
+    if fresh and rank == 0:  # recorded before the stage starts, so an interrupted stage resumes on the next run
         state.parent.mkdir(parents=True, exist_ok=True)
         write_json(state, {"chain_hash": chain, "stage": s["stage"]})
     if s["stage"] in TRAINING:
         return _train(s["stage"], config, out, fresh)
+    if rank != 0:  # process 0 evaluates; the others wait for it at the barrier after the stage
+        return {"skipped": False}
     return _evaluate(s["stage"], config, out, fresh, model)
 
 

@@ -33,6 +33,11 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-4
     manifest = json.loads((two / "manifest.json").read_text())
     assert manifest["world_size"] == 2
+    # DDP: each process holds the whole model, gradient and AdamW state, as one process does (FSDP halves
+    # them: test_fsdp)
+    alone = json.loads((one / "manifest.json").read_text())["metrics"]
+    for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
+        assert manifest["metrics"][key] == alone[key] > 0
 
 
 def test_a_token_budget_trains_the_same_tokens_on_two_processes(tmp_path, tiny_model_dir):

@@ -2,7 +2,9 @@
 
 ``output_dir/checkpoints/checkpoint-N/`` holds the model (a ``save_pretrained`` directory, or the
 LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` and ``trainer_state.json``
-(step, epoch, config hash). A crash while writing leaves only a ``.tmp-*`` directory, which is
+(step, epoch, config hash, global batch, ``parallel``). Under FSDP the model and optimizer state are
+instead the DCP shards of every process in ``sharded/`` (posttrain.train.parallel), beside the model's
+``config.json`` and the tokenizer. A crash while writing leaves only a ``.tmp-*`` directory, which is
 never taken for a checkpoint and is removed by the next save.
 """
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from posttrain.atomic import publish_dir
+from posttrain.train import parallel
 from posttrain.util import checkpoints
 
 
@@ -47,20 +50,53 @@ def save(output_dir: str | Path, step: int, model, tokenizer, optimizer, schedul
          extra_models: dict | None = None) -> Path:
     """Write checkpoint ``step`` atomically and keep at most ``limit`` (0: all) complete ones.
     ``extra_models`` (name -> model, e.g. PPO's value model) are saved in subdirectories."""
+    tmp = _fresh_tmp(output_dir, step)
+    model.save_pretrained(tmp)
+    for name, extra in (extra_models or {}).items():
+        extra.save_pretrained(tmp / name)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    return _publish(output_dir, tmp, step, tokenizer, scheduler, state, limit)
+
+
+def save_sharded(output_dir: str | Path, step: int, module, model, tokenizer, optimizer, scheduler, state: dict,
+                 limit: int, is_main: bool) -> Path | None:
+    """The FSDP checkpoint: called by every process. Each writes its shards of ``module`` (the root
+    the optimizer trains, holding ``model``) and of the optimizer state; process 0 adds the rest and
+    publishes the directory once all shards are written."""
+    import torch.distributed as dist
+
+    tmp = Path(output_dir) / "checkpoints" / f".tmp-checkpoint-{step}"
+    if is_main:
+        _fresh_tmp(output_dir, step, tmp)
+    dist.barrier()
+    parallel.save_sharded(tmp / parallel.SHARDED_DIR, module, optimizer)
+    dist.barrier()
+    final = None
+    if is_main:
+        model.config.save_pretrained(tmp)
+        prefix = next(name for name, m in module.named_modules() if m is model)
+        final = _publish(output_dir, tmp, step, tokenizer, scheduler, {**state, "model_prefix": f"{prefix}."}, limit)
+    dist.barrier()
+    return final
+
+
+def _fresh_tmp(output_dir: str | Path, step: int, tmp: Path | None = None) -> Path:
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-checkpoint-{step}-"))
-    model.save_pretrained(tmp)
+    if tmp is None:
+        return Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-checkpoint-{step}-"))
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(output_dir: str | Path, tmp: Path, step: int, tokenizer, scheduler, state: dict, limit: int) -> Path:
     tokenizer.save_pretrained(tmp)
-    for name, extra in (extra_models or {}).items():
-        extra.save_pretrained(tmp / name)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    final = root / f"checkpoint-{step}"
+    final = Path(output_dir) / "checkpoints" / f"checkpoint-{step}"
     publish_dir(tmp, final)
     if limit > 0:
         for old in checkpoints(output_dir)[:-limit]:
@@ -88,11 +124,15 @@ def load_weights(model, ckpt: Path) -> None:
         raise RuntimeError(f"{ckpt}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
 
 
-def load(ckpt: Path, model, optimizer, scheduler, extra_models: dict | None = None) -> dict:
-    load_weights(model, ckpt)
-    for name, extra in (extra_models or {}).items():
-        load_weights(extra, ckpt / name)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+def load(ckpt: Path, model, optimizer, scheduler, extra_models: dict | None = None, module=None) -> dict:
+    """Restore a checkpoint; ``module`` (the FSDP root) reads the shards of ``save_sharded``."""
+    if module is not None:
+        parallel.load_sharded(ckpt / parallel.SHARDED_DIR, module, optimizer)
+    else:
+        load_weights(model, ckpt)
+        for name, extra in (extra_models or {}).items():
+            load_weights(extra, ckpt / name)
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True))
     return read_state(ckpt)

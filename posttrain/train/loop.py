@@ -16,10 +16,17 @@ processes and micro-batches (each backward is scaled by ``num_processes`` becaus
 gradients across processes). Logged metrics are summed the same way; the source's ``summarize`` turns
 the global sums into the logged values.
 
+Processes. ``parallel: ddp`` wraps the module in DDP through accelerate; ``parallel: fsdp`` shards it
+with FSDP2 (posttrain.train.parallel: per-layer units, sharded DCP checkpoints that any number of
+processes resumes, the whole model gathered for generation, evaluation and the final save). The rest
+of the loop is the same for both.
+
 Everything else, for every stage: the accelerator, the output directory, seeding, resume from the
-latest complete checkpoint, AdamW (no weight decay on biases and norms), gradient clipping with the
-norm logged (``grad_norm``), transformers' LR schedules with warmup, ``metrics.jsonl`` every
-``logging_steps`` with tokens/s, a progress bar, optional tensorboard/wandb, an evaluation hook,
+latest complete checkpoint (possibly written by another number of processes with the same global
+batch), AdamW (no weight decay on biases and norms), gradient clipping with the norm logged
+(``grad_norm``), transformers' LR schedules with warmup, ``metrics.jsonl`` every ``logging_steps``
+with tokens/s, the bytes of parameters, gradients and optimizer state each process holds (in the
+final metrics), a progress bar, optional tensorboard/wandb, an evaluation hook,
 checkpoints every ``save_steps`` (atomic, see checkpoint.py), and the end of a run: the final model,
 the contamination report and, written last, ``manifest.json``. This module is the only place that
 calls ``backward``.
@@ -48,7 +55,7 @@ from posttrain.config import TrainConfig, config_hash
 from posttrain.errors import UserError
 from posttrain.inference.logprobs import TokenLogProbs
 from posttrain.train import checkpoint as ckpt_mod
-from posttrain.train import contamination
+from posttrain.train import contamination, parallel
 from posttrain.util import log
 
 LossFn = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
@@ -82,7 +89,9 @@ class Result:
 
 def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     """Decide what to do with an existing ``output_dir``: returns the checkpoint to resume from.
-    Raises ``UserError`` when it holds a different run and ``overwrite_output_dir`` is not set."""
+    Raises ``UserError`` when it holds a different run (the global batch counts: see
+    ``config.semantic``) and ``overwrite_output_dir`` is not set, or a checkpoint of the other
+    ``parallel`` layout."""
     out = Path(cfg.output_dir)
     want = config_hash(cfg)
     manifest = out / "manifest.json"
@@ -97,10 +106,25 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
                             "set overwrite_output_dir=true or choose another output_dir")
         return None
     last = ckpt_mod.latest(out)
-    if last is not None and ckpt_mod.read_state(last).get("config_hash") != want:
-        raise UserError(f"{last}: checkpoint of a run with a different config; "
+    if last is None:
+        return None
+    state = ckpt_mod.read_state(last)
+    if state.get("config_hash") != want:
+        batch = state.get("global_batch_size")
+        hint = (f" (its global batch is {batch}, this run's {global_batch(cfg)}: set per_device_train_batch_size x "
+                "gradient_accumulation_steps x processes to match)" if batch and batch != global_batch(cfg) else "")
+        raise UserError(f"{last}: checkpoint of a run with a different config{hint}; "
                         "set overwrite_output_dir=true or choose another output_dir")
+    if state.get("parallel", "ddp") != cfg.parallel:
+        raise UserError(f"{last}: written with parallel: {state.get('parallel', 'ddp')}; resume it with the same "
+                        "setting, or set overwrite_output_dir=true")
     return last
+
+
+def global_batch(cfg: TrainConfig) -> int:
+    from posttrain.config import world_size
+
+    return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
 
 
 def finished(cfg: TrainConfig, stage: str) -> Result | None:
@@ -276,16 +300,21 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = wrap(model)
     module.train()
-    optimizer = make_optimizer(cfg, module)
+    fsdp = cfg.parallel == "fsdp"
+    if fsdp:  # sharded in place; the optimizer is made over the shards
+        module = parallel.shard(module, accelerator.device, cfg.fsdp_reshard_after_forward, cfg.fsdp_cpu_offload)
+        optimizer = make_optimizer(cfg, module)
+    else:
+        optimizer = make_optimizer(cfg, module)
+        module, optimizer = accelerator.prepare(module, optimizer)
     scheduler = make_scheduler(cfg, optimizer, warmup, updates)
-    module, optimizer = accelerator.prepare(module, optimizer)
     inner = accelerator.unwrap_model(module).model
     run = Run(accelerator, module, inner, tokenizer, cfg)
 
     start = 0
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None:
-        start = ckpt_mod.load(resume_from, inner, optimizer, scheduler, extra_models)["step"]
+        start = ckpt_mod.load(resume_from, inner, optimizer, scheduler, extra_models, module if fsdp else None)["step"]
         if is_main:
             trim_metrics(metrics_path, start)
             log(f"{stage}: resuming from {resume_from} (step {start} of {total})")
@@ -301,6 +330,7 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
     quiet_every = max(1, total // 10)
     params = [p for p in module.parameters() if p.requires_grad]
     last: dict = {}
+    memory: dict = {}
     tokens_seen, t_run = 0, time.time()
     for step in range(start, total):
         t0 = time.time()
@@ -310,17 +340,19 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
         for _ in range(source.updates_per_step):
             for j, batch in enumerate(got.batches):
                 tensors = {key: v.to(accelerator.device) for key, v in batch.items() if isinstance(v, torch.Tensor)}
-                sync = j == len(got.batches) - 1
+                sync = j == len(got.batches) - 1 or fsdp  # FSDP reduce-scatters every micro-batch's gradient
                 with contextlib.nullcontext() if sync else accelerator.no_sync(module):
                     loss, extra = objective.loss(module, {**batch, **tensors}, max(n_items, 1.0))
-                    # DDP averages gradients over processes; the loss is already a global mean
+                    # DDP and FSDP average gradients over processes; the loss is already a global mean
                     accelerator.backward(loss * world)
                 for key, v in {"loss": loss.detach(), **extra}.items():
                     sums[key] = sums.get(key, 0.0) + float(v) / source.updates_per_step
                 tokens_seen += batch["num_input_tokens"] * world
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            grad_norm = parallel.clip_grad_norm(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            if not memory:  # after the first update, every state exists: what this process holds
+                memory = parallel.local_state_bytes(module, optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         totals = reduce_sum(accelerator, {**got.sums, **sums})
@@ -344,27 +376,38 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
         bar.update(1)
         bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()}, "lr": f"{lr:.2e}"})
         if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < total:
-            evaluate_main(accelerator, eval_fn, inner, done, metrics_path)
-        checkpoint_at(accelerator, cfg, done, total, inner, tokenizer, optimizer, scheduler,
+            evaluate_main(accelerator, eval_fn, parallel.full_copy(inner) if fsdp else inner, done, metrics_path)
+        checkpoint_at(accelerator, cfg, done, total, module, inner, tokenizer, optimizer, scheduler,
                       {"epoch": step // steps_per_epoch}, extra_models)
     bar.close()
     # The optimizer state (2x the weights) is no longer needed: free it before the final evaluation
     # and save, which would otherwise add their own buffers on top of it at the run's peak.
     del optimizer, scheduler, params
     accelerator.free_memory()
+    last.update(memory)
+    if fsdp:  # the whole model, gathered from the shards of every process, for evaluation and saving
+        inner = parallel.full_copy(inner)
+        extra_models = {name: parallel.full_copy(m) for name, m in (extra_models or {}).items()}
     return finish(accelerator, cfg, stage, inner, tokenizer, last, eval_fn, total, t_run, started, data, data_stats,
                   resume_from, extra_models, checker.report(texts) if accelerator.is_main_process else {})
 
 
-def checkpoint_at(accelerator, cfg: TrainConfig, done: int, total: int, model, tokenizer, optimizer, scheduler,
-                  state: dict, extra_models: dict | None = None) -> None:
-    """Every ``save_steps`` steps (not at the end, where the final model is written): a checkpoint."""
+def checkpoint_at(accelerator, cfg: TrainConfig, done: int, total: int, module, model, tokenizer, optimizer,
+                  scheduler, state: dict, extra_models: dict | None = None) -> None:
+    """Every ``save_steps`` steps (not at the end, where the final model is written): a checkpoint,
+    written by process 0 (DDP) or by every process, its shards (FSDP)."""
     if cfg.save_steps <= 0 or done % cfg.save_steps or done >= total:
+        return
+    state = {**state, "config_hash": config_hash(cfg), "global_batch_size": global_batch(cfg),
+             "parallel": cfg.parallel, "processes": accelerator.num_processes}
+    if cfg.parallel == "fsdp":
+        ckpt_mod.save_sharded(cfg.output_dir, done, module, model, tokenizer, optimizer, scheduler, state,
+                              cfg.save_total_limit, accelerator.is_main_process)
         return
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt_mod.save(cfg.output_dir, done, model, tokenizer, optimizer, scheduler,
-                      {**state, "config_hash": config_hash(cfg)}, cfg.save_total_limit, extra_models)
+        ckpt_mod.save(cfg.output_dir, done, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit,
+                      extra_models)
     accelerator.wait_for_everyone()
 
 

@@ -161,10 +161,15 @@ class ValueModel(nn.Module):
 class PolicyAndValue(nn.Module):
     """One module (one optimizer, one DDP wrapper) for PPO's policy and value model."""
 
+    shard_parts = ("policy", "value")  # FSDP: one root each, so either can run alone (posttrain.train.parallel)
+
     def __init__(self, policy: TokenLogProbs, value: ValueModel):
         super().__init__()
         self.policy, self.value = policy, value
-        self.model = policy.model
+
+    @property
+    def model(self) -> nn.Module:
+        return self.policy.model
 
     def forward(self, *inputs):
         return self.policy(*inputs), self.value(*inputs)

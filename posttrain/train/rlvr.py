@@ -51,7 +51,7 @@ from posttrain.inference.logprobs import IGNORE, TokenLogProbs
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rewards import get_verifier
 from posttrain.rewards.combine import Scorer
-from posttrain.train import contamination
+from posttrain.train import contamination, parallel
 from posttrain.train.loop import Objective, Result, Run, StepData, finished, reduce_sum, train
 from posttrain.train.reward import PolicyAndValue, load_value_model
 from posttrain.train.rl import grpo, ppo
@@ -168,6 +168,7 @@ class Rollouts:
         self.cfg, self.prompts, self.scorer, self.reference = cfg, prompts, scorer, reference
         self.updates_per_step = cfg.num_iterations
         self.engine: TransformersEngine | None = None
+        self.gathered: torch.nn.Module | None = None  # under FSDP: the transformers engine's whole copy of the policy
 
     def total_steps(self, cfg: RLVRConfig, world: int) -> tuple[int, int]:
         G = cfg.num_generations
@@ -192,8 +193,16 @@ class Rollouts:
     def __call__(self, step: int, run: Run) -> StepData:
         cfg = self.cfg
         t0 = time.time()
+        if cfg.parallel == "fsdp" and self.reference is not None and not parallel.is_sharded(self.reference):
+            parallel.shard(self.reference, run.accelerator.device, cfg.fsdp_reshard_after_forward, cfg.fsdp_cpu_offload)
+        policy = run.model
+        if cfg.parallel == "fsdp":  # the engine generates with whole weights, gathered from every process's shards
+            if cfg.engine == "transformers":
+                policy = self.gathered = parallel.full_copy(run.model, self.gathered)
+            else:
+                policy = list(parallel.full_state_dict(run.model).items())
         if self.engine is None and cfg.engine == "transformers":  # the policy itself, updated in place
-            self.engine = TransformersEngine(run.model, run.tokenizer, batch_size=cfg.generation_batch_size)
+            self.engine = TransformersEngine(policy, run.tokenizer, batch_size=cfg.generation_batch_size)
         elif cfg.engine == "vllm":
             if self.engine is None and cfg.vllm_servers:
                 from posttrain.inference.vllm_servers import VLLMServers
@@ -205,9 +214,9 @@ class Rollouts:
                 self.engine = VLLMEngine(cfg.model, dtype=cfg.dtype, seed=cfg.seed, batch_size=cfg.generation_batch_size,
                                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
             if not cfg.vllm_servers:  # the current policy, no checkpoint on disk
-                self.engine.load_weights(run.model)
+                self.engine.load_weights(policy)
             elif run.rank == 0:  # one push per step for all processes
-                self.engine.load_weights(run.model, version=step)
+                self.engine.load_weights(policy, version=step)
             run.accelerator.wait_for_everyone()
         t_push = time.time() - t0
         mine = self.select(step, run.rank, run.world)

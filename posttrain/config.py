@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -79,9 +80,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # several processes (torchrun, accelerate launch): ddp gives each the whole model; fsdp shards
     # parameters, gradients and optimizer state (FSDP2, one unit per decoder layer; docs/distributed.md)
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    parallel: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     fsdp_reshard_after_forward: bool = True  # free a layer's gathered weights after its forward
     fsdp_cpu_offload: bool = False  # shards, gradients and the optimizer step in CPU memory
+    deepspeed_zero_stage: Literal[2, 3] = 3  # parallel: deepspeed; 2: gradients + optimizer state, 3: + parameters
     # LoRA through peft (TRL's names); the final checkpoint has the adapter merged in
     use_peft: bool = False
     lora_r: int = 16
@@ -118,8 +120,10 @@ class TrainConfig:
             raise UserError("config: set 'max_steps' > 0 or 'num_train_epochs' > 0")
         if self.parallel != "fsdp" and self.fsdp_cpu_offload:
             raise UserError("config: key 'fsdp_cpu_offload' needs parallel: fsdp")
-        if self.parallel == "fsdp" and self.use_peft:
-            raise UserError("config: use_peft with parallel: fsdp is not supported (use parallel: ddp for LoRA)")
+        if self.parallel != "ddp" and self.use_peft:
+            raise UserError(f"config: use_peft with parallel: {self.parallel} is not supported (use parallel: ddp for LoRA)")
+        if self.parallel == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            raise UserError("config: parallel: deepspeed needs the deepspeed package (pip install deepspeed)")
         for i, src in enumerate(self.datasets):
             src.validate(f"config: datasets[{i}]")
         for i, src in enumerate(self.eval_datasets):
@@ -146,7 +150,7 @@ NON_SEMANTIC_KEYS = {"save_steps", "save_total_limit", "logging_steps", "report_
 # How a run is laid out over processes and memory, not what it computes (the same up to float rounding):
 # a resumed run may change them as long as the global batch, which the hash counts, stays the same.
 LAYOUT_KEYS = {"per_device_train_batch_size", "gradient_accumulation_steps", "parallel", "fsdp_reshard_after_forward",
-               "fsdp_cpu_offload", "gradient_checkpointing"}
+               "fsdp_cpu_offload", "deepspeed_zero_stage", "gradient_checkpointing"}
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

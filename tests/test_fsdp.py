@@ -1,7 +1,7 @@
-"""``parallel: fsdp`` (FSDP2) with 2 CPU processes (gloo) against one unsharded process with the same
-global batch: the same loss curve and final weights for SFT, DPO, GRPO and PPO, with every FSDP option;
-half the parameter, gradient and optimizer bytes per process; sharded checkpoints that survive kill -9
-and resume on one process; whole recipes under torchrun.
+"""``parallel: fsdp`` (FSDP2) and ``parallel: deepspeed`` (ZeRO-2/3) with 2 CPU processes (gloo) against
+one unsharded process with the same global batch: the same loss curve and final weights for SFT, DPO,
+GRPO and PPO, with every FSDP option; the parameter, gradient and optimizer bytes each process holds;
+sharded checkpoints that survive kill -9 and (FSDP) resume on one process; whole recipes under torchrun.
 
 Tolerances: the two layouts sum the same terms in another order (per-process partial sums, then a
 reduce-scatter), so float32 results differ by rounding: about ``sqrt(n) * 6e-8`` relative for sums of
@@ -71,14 +71,26 @@ def max_weight_diff(a, b, name="model.safetensors") -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-@pytest.mark.parametrize("stage,per_device,extra", [
-    ("sft", 2, []),
-    ("sft", 2, ["fsdp_reshard_after_forward=false", "fsdp_cpu_offload=true", "gradient_checkpointing=true"]),
-    ("dpo", 2, []),
-    ("rlvr", 16, ["algorithm=grpo"]),
-    ("rlvr", 16, ["algorithm=ppo"]),
-], ids=["sft", "sft-options", "dpo", "grpo", "ppo"])
-def test_fsdp_on_two_processes_trains_as_one(tasks, stage, per_device, extra, tmp_path, tiny_model_dir):
+FSDP = ["parallel=fsdp"]
+ZERO2, ZERO3 = ["parallel=deepspeed", "deepspeed_zero_stage=2"], ["parallel=deepspeed", "deepspeed_zero_stage=3"]
+# what a process holds against one unsharded process (params, gradients, optimizer state): FSDP halves all
+# three; DeepSpeed halves the gradients (fp32 partitions), ZeRO-3 the parameters too, and its optimizer
+# state is AdamW's two states on the partition (half of 8 bytes per parameter) plus the fp32 master
+# partition (half of 4): 6 / 8 = 0.75 of an unsharded AdamW
+HALF, ZERO2_SHARE, ZERO3_SHARE = (0.5, 0.5, 0.5), (1.0, 0.5, 0.75), (0.5, 0.5, 0.75)
+
+
+# SFT with every FSDP option (DPO, GRPO and PPO with the defaults); `pytest -m slow` adds DPO under ZeRO-3
+@pytest.mark.parametrize("stage,per_device,extra,share", [
+    ("sft", 2, FSDP + ["fsdp_reshard_after_forward=false", "fsdp_cpu_offload=true", "gradient_checkpointing=true"], HALF),
+    ("dpo", 2, FSDP, HALF),
+    ("rlvr", 16, FSDP + ["algorithm=grpo"], HALF),
+    ("rlvr", 16, FSDP + ["algorithm=ppo"], HALF),
+    ("sft", 2, ZERO2 + ["gradient_checkpointing=true"], ZERO2_SHARE),
+    pytest.param("dpo", 2, ZERO3, ZERO3_SHARE, marks=pytest.mark.slow),
+    ("rlvr", 16, ZERO3 + ["algorithm=grpo"], ZERO3_SHARE),
+], ids=["sft", "dpo", "grpo", "ppo", "sft-zero2", "dpo-zero3", "grpo-zero3"])
+def test_sharded_on_two_processes_trains_as_one(tasks, stage, per_device, extra, share, tmp_path, tiny_model_dir):
     cfg = stage_config(tasks, stage, tmp_path, tiny_model_dir)
     one, two = tmp_path / "one", tmp_path / "two"
     got = subprocess.run(ONE + [stage, "--config", cfg, f"output_dir={one}", f"per_device_train_batch_size={2 * per_device}",
@@ -86,7 +98,7 @@ def test_fsdp_on_two_processes_trains_as_one(tasks, stage, per_device, extra, tm
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert got.returncode == 0, got.stderr[-3000:]
     got = subprocess.run(TORCHRUN + [stage, "--config", cfg, f"output_dir={two}", f"per_device_train_batch_size={per_device}",
-                                     "parallel=fsdp", *extra], env=ENV, capture_output=True, text=True, timeout=600)
+                                     *extra], env=ENV, capture_output=True, text=True, timeout=600)
     assert got.returncode == 0, got.stderr[-3000:]
     assert "2 process(es)" in got.stderr
     a, b = curve(one), curve(two)
@@ -101,24 +113,29 @@ def test_fsdp_on_two_processes_trains_as_one(tasks, stage, per_device, extra, tm
     if "algorithm=ppo" in extra:
         assert max_weight_diff(one, two, "value/model.safetensors") <= 1e-4
     ckpt = checkpoint.latest(two)
-    assert (ckpt / "sharded" / ".metadata").is_file() and len(list((ckpt / "sharded").glob("*.distcp"))) == 2
+    if "parallel=fsdp" in extra:  # every process's DCP shards
+        assert (ckpt / "sharded" / ".metadata").is_file() and len(list((ckpt / "sharded").glob("*.distcp"))) == 2
+    else:  # every process's ZeRO partitions
+        assert len(list((ckpt / "deepspeed" / "state").glob("zero_pp_rank_*_optim_states.pt"))) == 2
     assert not (ckpt / "optimizer.pt").exists() and not (ckpt / "model.safetensors").exists()
-    # what each process holds: half of the unsharded model's parameters, gradients and AdamW state
-    # (dim-0 shards of a size that divides by 2; a DDP process holds what one process does: test_distributed)
+    # what each process holds against one process (a DDP process holds what one process does: test_distributed);
+    # the tiny models' sizes divide by 2, so the shares are exact up to DeepSpeed's partition padding
     full = json.loads((one / "manifest.json").read_text())["metrics"]
-    half = json.loads((two / "manifest.json").read_text())["metrics"]
-    for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
-        assert abs(half[key] / full[key] - 0.5) <= 0.01, (key, half[key], full[key])
+    part = json.loads((two / "manifest.json").read_text())["metrics"]
+    for key, want in zip(("params_bytes", "grads_bytes", "optimizer_bytes"), share):
+        assert abs(part[key] / full[key] - want) <= 0.01, (key, part[key], full[key], want)
 
 
-def test_sharded_checkpoints_survive_kill_9_and_resume_on_one_process(tasks, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("parallel", ["fsdp", "deepspeed"])
+def test_sharded_checkpoints_survive_kill_9_and_resume(parallel, tasks, tmp_path, tiny_model_dir):
     """2 processes killed with SIGKILL after a checkpoint: restarted on 2, the final weights equal an
-    uninterrupted run's bit for bit; restarted on 1 (twice the per-device batch: the same global batch),
-    they equal it up to the summation-order rounding of the module docstring."""
+    uninterrupted run's bit for bit. Restarted on 1 (twice the per-device batch: the same global batch):
+    FSDP's DCP shards reshard, and the weights equal it up to the summation-order rounding of the module
+    docstring; DeepSpeed's partitions are refused with a one-line error."""
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(f"model: {tiny_model_dir}\nchat_template: tulu\ndatasets:\n  - path: {tasks['chat']}\n"
                    "max_seq_length: 96\npacking: true\nlearning_rate: 1.0e-3\nlr_scheduler_type: cosine\n"
-                   "warmup_ratio: 0.1\nmax_steps: 40\nsave_steps: 10\nsave_total_limit: 2\nparallel: fsdp\n"
+                   f"warmup_ratio: 0.1\nmax_steps: 40\nsave_steps: 10\nsave_total_limit: 2\nparallel: {parallel}\n"
                    "per_device_train_batch_size: 2\ngradient_accumulation_steps: 2\nseed: 5\n")
     sft = lambda out, *over, n=2: (TORCHRUN if n == 2 else ONE) + ["sft", "--config", str(cfg), f"output_dir={out}", *over]  # noqa: E731
     ref = tmp_path / "ref"
@@ -140,6 +157,11 @@ def test_sharded_checkpoints_survive_kill_9_and_resume_on_one_process(tasks, tmp
         killed_at = int(checkpoint.latest(run_dir).name.split("-")[1])
         got = subprocess.run(sft(run_dir, *resume, n=1 if resume else 2), env=ENV, capture_output=True, text=True,
                              timeout=600)
+        if resume and parallel == "deepspeed":
+            assert got.returncode == 2
+            assert got.stderr.strip().splitlines()[-1].endswith(
+                "a DeepSpeed checkpoint of 2 process(es) resumes on 2, not 1 (parallel: fsdp checkpoints resume on any number)")
+            continue
         assert got.returncode == 0, got.stderr[-3000:]
         assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{killed_at}'}" in got.stderr
         assert len(curve(run_dir)) == 40
@@ -149,6 +171,8 @@ def test_sharded_checkpoints_survive_kill_9_and_resume_on_one_process(tasks, tmp
         else:
             assert max_weight_diff(ref, run_dir) == 0.0
             assert curve(ref) == curve(run_dir)
+    if parallel == "deepspeed":
+        return
 
     # the same checkpoint, read with the wrong layout or global batch: one line that says what to change
     run_dir = tmp_path / "again-on-2"
@@ -195,6 +219,23 @@ stages:
     # run again under torchrun: every stage is skipped (same global batch, so the same chain)
     again = subprocess.run(TORCHRUN + ["run", recipe("two", 2)], env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stderr.count("skipped, already done") == 2, again.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_an_accelerate_config_that_shards_is_refused(kind, tmp_path):
+    """accelerate launch with an accelerate config that shards (accelerate applies it on GPUs only, so the
+    accelerator is stood in for here): one line pointing at the posttrain key."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from posttrain.train import parallel
+
+    cfg = load_config(SFTConfig, base={"model": "m", "output_dir": str(tmp_path), "datasets": [{"path": "d.jsonl"}]})
+    with pytest.raises(UserError, match=f"^accelerate config: distributed_type {kind} is not used by posttrain; launch "
+                                        "with a plain multi-process config and set parallel in the posttrain config"):
+        parallel.layout(cfg, SimpleNamespace(distributed_type=DistributedType[kind]))
+    assert isinstance(parallel.layout(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)), parallel.DDP)
 
 
 def test_fsdp_settings_are_checked(tmp_path):

@@ -2,10 +2,11 @@
 
 ``output_dir/checkpoints/checkpoint-N/`` holds the model (a ``save_pretrained`` directory, or the
 LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` and ``trainer_state.json``
-(step, epoch, config hash, global batch, ``parallel``). Under FSDP the model and optimizer state are
-instead the DCP shards of every process in ``sharded/`` (posttrain.train.parallel), beside the model's
-``config.json`` and the tokenizer. A crash while writing leaves only a ``.tmp-*`` directory, which is
-never taken for a checkpoint and is removed by the next save.
+(step, epoch, config hash, global batch, ``parallel``, processes). Under a sharded layout the model
+and optimizer state are instead every process's shards (``sharded/`` for FSDP, ``deepspeed/``;
+posttrain.train.parallel), beside the model's ``config.json`` and the tokenizer. A crash while
+writing leaves only a ``.tmp-*`` directory, which is never taken for a checkpoint and is removed by
+the next save.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import json
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from posttrain.atomic import publish_dir
-from posttrain.train import parallel
 from posttrain.util import checkpoints
 
 
@@ -58,26 +59,24 @@ def save(output_dir: str | Path, step: int, model, tokenizer, optimizer, schedul
     return _publish(output_dir, tmp, step, tokenizer, scheduler, state, limit)
 
 
-def save_sharded(output_dir: str | Path, step: int, module, model, tokenizer, optimizer, scheduler, state: dict,
-                 limit: int, is_main: bool) -> Path | None:
-    """The FSDP checkpoint: called by every process. Each writes its shards of ``module`` (the root
-    the optimizer trains, holding ``model``) and of the optimizer state; process 0 adds the rest and
-    publishes the directory once all shards are written."""
+def save_sharded(output_dir: str | Path, step: int, write: Callable[[Path], None], model, tokenizer, scheduler,
+                 state: dict, limit: int, is_main: bool) -> None:
+    """A checkpoint of a sharded layout (posttrain.train.parallel): called by every process. Each writes
+    its shards of the model and optimizer state (``write(directory)``, collective); process 0 adds the
+    model's config, tokenizer, scheduler, RNG and state, and publishes the directory once every shard
+    is written."""
     import torch.distributed as dist
 
     tmp = Path(output_dir) / "checkpoints" / f".tmp-checkpoint-{step}"
     if is_main:
         _fresh_tmp(output_dir, step, tmp)
     dist.barrier()
-    parallel.save_sharded(tmp / parallel.SHARDED_DIR, module, optimizer)
+    write(tmp)
     dist.barrier()
-    final = None
     if is_main:
         model.config.save_pretrained(tmp)
-        prefix = next(name for name, m in module.named_modules() if m is model)
-        final = _publish(output_dir, tmp, step, tokenizer, scheduler, {**state, "model_prefix": f"{prefix}."}, limit)
+        _publish(output_dir, tmp, step, tokenizer, scheduler, state, limit)
     dist.barrier()
-    return final
 
 
 def _fresh_tmp(output_dir: str | Path, step: int, tmp: Path | None = None) -> Path:
@@ -124,15 +123,8 @@ def load_weights(model, ckpt: Path) -> None:
         raise RuntimeError(f"{ckpt}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
 
 
-def load(ckpt: Path, model, optimizer, scheduler, extra_models: dict | None = None, module=None) -> dict:
-    """Restore a checkpoint; ``module`` (the FSDP root) reads the shards of ``save_sharded``."""
-    if module is not None:
-        parallel.load_sharded(ckpt / parallel.SHARDED_DIR, module, optimizer)
-    else:
-        load_weights(model, ckpt)
-        for name, extra in (extra_models or {}).items():
-            load_weights(extra, ckpt / name)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+def load_state(ckpt: Path, scheduler) -> dict:
+    """The scheduler and RNG state of a checkpoint (every layout); returns its trainer state."""
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True))
     return read_state(ckpt)

@@ -16,25 +16,25 @@ processes and micro-batches (each backward is scaled by ``num_processes`` becaus
 gradients across processes). Logged metrics are summed the same way; the source's ``summarize`` turns
 the global sums into the logged values.
 
-Processes. ``parallel: ddp`` wraps the module in DDP through accelerate; ``parallel: fsdp`` shards it
-with FSDP2 (posttrain.train.parallel: per-layer units, sharded DCP checkpoints that any number of
-processes resumes, the whole model gathered for generation, evaluation and the final save). The rest
-of the loop is the same for both.
+Processes. The layout (posttrain.train.parallel) wraps the module: ``parallel: ddp`` in DDP through
+accelerate, ``fsdp`` sharded with FSDP2 (per-layer units, DCP checkpoints that any number of
+processes resumes), ``deepspeed`` in a ZeRO engine; it makes the updates, writes and reads the
+checkpoints and hands out the whole model for generation, evaluation and the final save. The rest of
+the loop is the same for all three.
 
 Everything else, for every stage: the accelerator, the output directory, seeding, resume from the
 latest complete checkpoint (possibly written by another number of processes with the same global
 batch), AdamW (no weight decay on biases and norms), gradient clipping with the norm logged
 (``grad_norm``), transformers' LR schedules with warmup, ``metrics.jsonl`` every ``logging_steps``
-with tokens/s, the bytes of parameters, gradients and optimizer state each process holds (in the
-final metrics), a progress bar, optional tensorboard/wandb, an evaluation hook,
-checkpoints every ``save_steps`` (atomic, see checkpoint.py), and the end of a run: the final model,
-the contamination report and, written last, ``manifest.json``. This module is the only place that
-calls ``backward``.
+with tokens/s, the bytes of parameters, gradients and optimizer state each process holds and every
+process's peak resident memory (in the final metrics), a progress bar, optional tensorboard/wandb, an
+evaluation hook, checkpoints every ``save_steps`` (atomic, see checkpoint.py), and the end of a run:
+the final model, the contamination report and, written last, ``manifest.json``. This module is the
+only place that calls ``backward`` (the layout's: accelerate's, or DeepSpeed's engine's).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -111,8 +111,8 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     state = ckpt_mod.read_state(last)
     if state.get("config_hash") != want:
         batch = state.get("global_batch_size")
-        hint = (f" (its global batch is {batch}, this run's {global_batch(cfg)}: set per_device_train_batch_size x "
-                "gradient_accumulation_steps x processes to match)" if batch and batch != global_batch(cfg) else "")
+        hint = (f" (its global batch is {batch}, this run's {global_batch_size(cfg)}: set per_device_train_batch_size x "
+                "gradient_accumulation_steps x processes to match)" if batch and batch != global_batch_size(cfg) else "")
         raise UserError(f"{last}: checkpoint of a run with a different config{hint}; "
                         "set overwrite_output_dir=true or choose another output_dir")
     if state.get("parallel", "ddp") != cfg.parallel:
@@ -121,7 +121,7 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     return last
 
 
-def global_batch(cfg: TrainConfig) -> int:
+def global_batch_size(cfg: TrainConfig) -> int:
     from posttrain.config import world_size
 
     return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
@@ -175,6 +175,15 @@ def reduce_sum(accelerator, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def peak_rss_mb(accelerator) -> list[float]:
+    """The peak resident memory of every process so far, in MB (Linux: ``ru_maxrss`` is in KB)."""
+    import resource
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    slots = {f"{r:06d}": (mine if r == accelerator.process_index else 0.0) for r in range(accelerator.num_processes)}
+    return [round(v, 1) for _, v in sorted(reduce_sum(accelerator, slots).items())]
+
+
 @dataclass
 class StepData:
     """One step's input from a ``StepSource``: this process's micro-batches, metric sums to add over
@@ -188,13 +197,14 @@ class StepData:
 @dataclass
 class Run:
     """The run context a step source sees: the accelerator, the prepared module the objective calls,
-    the inner model (for generation), the tokenizer and the config."""
+    the inner model (for generation), the tokenizer, the config and the layout over processes."""
 
     accelerator: object
     module: torch.nn.Module
     model: torch.nn.Module
     tokenizer: object
     cfg: TrainConfig
+    layout: object = None  # posttrain.train.parallel: whole weights for the engine (``layout.whole``)
 
     @property
     def rank(self) -> int:
@@ -300,21 +310,16 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = wrap(model)
     module.train()
-    fsdp = cfg.parallel == "fsdp"
-    if fsdp:  # sharded in place; the optimizer is made over the shards
-        module = parallel.shard(module, accelerator.device, cfg.fsdp_reshard_after_forward, cfg.fsdp_cpu_offload)
-        optimizer = make_optimizer(cfg, module)
-    else:
-        optimizer = make_optimizer(cfg, module)
-        module, optimizer = accelerator.prepare(module, optimizer)
+    layout = parallel.layout(cfg, accelerator)
+    module, optimizer = layout.prepare(module, lambda m: make_optimizer(cfg, m))
     scheduler = make_scheduler(cfg, optimizer, warmup, updates)
     inner = accelerator.unwrap_model(module).model
-    run = Run(accelerator, module, inner, tokenizer, cfg)
+    run = Run(accelerator, module, inner, tokenizer, cfg, layout)
 
     start = 0
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None:
-        start = ckpt_mod.load(resume_from, inner, optimizer, scheduler, extra_models, module if fsdp else None)["step"]
+        start = layout.load(resume_from, inner, scheduler, extra_models)["step"]
         if is_main:
             trim_metrics(metrics_path, start)
             log(f"{stage}: resuming from {resume_from} (step {start} of {total})")
@@ -330,7 +335,6 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
     quiet_every = max(1, total // 10)
     params = [p for p in module.parameters() if p.requires_grad]
     last: dict = {}
-    memory: dict = {}
     tokens_seen, t_run = 0, time.time()
     for step in range(start, total):
         t0 = time.time()
@@ -340,21 +344,15 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
         for _ in range(source.updates_per_step):
             for j, batch in enumerate(got.batches):
                 tensors = {key: v.to(accelerator.device) for key, v in batch.items() if isinstance(v, torch.Tensor)}
-                sync = j == len(got.batches) - 1 or fsdp  # FSDP reduce-scatters every micro-batch's gradient
-                with contextlib.nullcontext() if sync else accelerator.no_sync(module):
+                with layout.accumulating(last=j == len(got.batches) - 1):
                     loss, extra = objective.loss(module, {**batch, **tensors}, max(n_items, 1.0))
-                    # DDP and FSDP average gradients over processes; the loss is already a global mean
-                    accelerator.backward(loss * world)
+                    layout.backward(loss * layout.loss_scale)  # a share of the global mean, scaled back from averages
                 for key, v in {"loss": loss.detach(), **extra}.items():
                     sums[key] = sums.get(key, 0.0) + float(v) / source.updates_per_step
                 tokens_seen += batch["num_input_tokens"] * world
-            grad_norm = parallel.clip_grad_norm(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            if not memory:  # after the first update, every state exists: what this process holds
-                memory = parallel.local_state_bytes(module, optimizer)
+            grad_norm = layout.step(params)  # clip, optimizer step, zero the gradients
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
         totals = reduce_sum(accelerator, {**got.sums, **sums})
         done = step + 1
         elapsed = time.time() - t_run
@@ -376,39 +374,24 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
         bar.update(1)
         bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()}, "lr": f"{lr:.2e}"})
         if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < total:
-            evaluate_main(accelerator, eval_fn, parallel.full_copy(inner) if fsdp else inner, done, metrics_path)
-        checkpoint_at(accelerator, cfg, done, total, module, inner, tokenizer, optimizer, scheduler,
-                      {"epoch": step // steps_per_epoch}, extra_models)
+            evaluate_main(accelerator, eval_fn, layout.whole(inner, keep=is_main), done, metrics_path)
+        if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total:  # the end writes the final model
+            layout.save(cfg.output_dir, done, inner, tokenizer, scheduler, {
+                "epoch": step // steps_per_epoch, "config_hash": config_hash(cfg), "global_batch_size": global_batch_size(cfg),
+                "parallel": cfg.parallel, "processes": world}, extra_models)
     bar.close()
     # The optimizer state (2x the weights) is no longer needed: free it before the final evaluation
     # and save, which would otherwise add their own buffers on top of it at the run's peak.
+    last.update(layout.memory)
     del optimizer, scheduler, params
+    layout.optimizer = None
     accelerator.free_memory()
-    last.update(memory)
-    if fsdp:  # the whole model, gathered from the shards of every process, for evaluation and saving
-        inner = parallel.full_copy(inner)
-        extra_models = {name: parallel.full_copy(m) for name, m in (extra_models or {}).items()}
+    last["peak_rss_mb_per_process"] = peak_rss_mb(accelerator)
+    # the whole model (gathered from every process's shards onto process 0 when sharded), to evaluate and save
+    inner = layout.whole(inner, keep=is_main)
+    extra_models = {name: layout.whole(m, keep=is_main) for name, m in (extra_models or {}).items()}
     return finish(accelerator, cfg, stage, inner, tokenizer, last, eval_fn, total, t_run, started, data, data_stats,
                   resume_from, extra_models, checker.report(texts) if accelerator.is_main_process else {})
-
-
-def checkpoint_at(accelerator, cfg: TrainConfig, done: int, total: int, module, model, tokenizer, optimizer,
-                  scheduler, state: dict, extra_models: dict | None = None) -> None:
-    """Every ``save_steps`` steps (not at the end, where the final model is written): a checkpoint,
-    written by process 0 (DDP) or by every process, its shards (FSDP)."""
-    if cfg.save_steps <= 0 or done % cfg.save_steps or done >= total:
-        return
-    state = {**state, "config_hash": config_hash(cfg), "global_batch_size": global_batch(cfg),
-             "parallel": cfg.parallel, "processes": accelerator.num_processes}
-    if cfg.parallel == "fsdp":
-        ckpt_mod.save_sharded(cfg.output_dir, done, module, model, tokenizer, optimizer, scheduler, state,
-                              cfg.save_total_limit, accelerator.is_main_process)
-        return
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ckpt_mod.save(cfg.output_dir, done, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit,
-                      extra_models)
-    accelerator.wait_for_everyone()
 
 
 def finish(accelerator, cfg: TrainConfig, stage: str, model, tokenizer, last: dict, eval_fn, total: int, t_run: float,

@@ -196,11 +196,11 @@ class Rollouts:
         if cfg.parallel == "fsdp" and self.reference is not None and not parallel.is_sharded(self.reference):
             parallel.shard(self.reference, run.accelerator.device, cfg.fsdp_reshard_after_forward, cfg.fsdp_cpu_offload)
         policy = run.model
-        if cfg.parallel == "fsdp":  # the engine generates with whole weights, gathered from every process's shards
+        if run.layout.sharded:  # the engine generates with whole weights, gathered from every process's shards
             if cfg.engine == "transformers":
-                policy = self.gathered = parallel.full_copy(run.model, self.gathered)
+                policy = self.gathered = run.layout.whole(run.model, self.gathered)
             else:
-                policy = list(parallel.full_state_dict(run.model).items())
+                policy = run.layout.whole_state(run.model)
         if self.engine is None and cfg.engine == "transformers":  # the policy itself, updated in place
             self.engine = TransformersEngine(policy, run.tokenizer, batch_size=cfg.generation_batch_size)
         elif cfg.engine == "vllm":

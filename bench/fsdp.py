@@ -1,6 +1,7 @@
 """Sharded against replicated training: SmolLM2-135M-Instruct SFT on 2 processes, FSDP and ZeRO vs DDP.
 
     python bench/fsdp.py                              # SmolLM2-135M-Instruct, 2 processes
+    python bench/fsdp.py --tcmalloc                   # the same with tcmalloc (peak memory that reflects sharding)
     python bench/fsdp.py --model tiny --steps 6       # a quick check of the script
 
 Each layout runs ``torchrun --nproc_per_node 2 -m posttrain.cli sft`` on the same data, lengths and
@@ -25,6 +26,7 @@ from pathlib import Path
 from common import DATA, rate, tiny_model
 
 GSM8K = DATA / "gsm8k" / "train.jsonl"
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 
 def conversations(n: int) -> list[dict]:
@@ -56,6 +58,8 @@ def run(layout: str, model: str, data: Path, out: Path, args) -> dict:
     cfg.write_text("datasets:\n  - path: x\npacking: true\nlearning_rate: 2.0e-5\nsave_steps: 0\nlogging_steps: 1\n"
                    "overwrite_output_dir: true\ndecontaminate_against: []\nchat_template: tulu\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads // processes)}
+    if args.tcmalloc:
+        env["LD_PRELOAD"] = args.tcmalloc
     print(f"{layout}: running {args.steps} steps", file=sys.stderr, flush=True)
     subprocess.run(launcher + ["-m", "posttrain.cli", "sft", "--config", str(cfg), *over], check=True, env=env)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -74,7 +78,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2, help="rows per process per step (2 processes)")
     p.add_argument("--threads", type=int, default=2, help="threads in all (split between the processes)")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"some of {', '.join(LAYOUTS)}")
+    p.add_argument("--tcmalloc", nargs="?", const=TCMALLOC, default=None,
+                   help=f"run the trainers with tcmalloc (LD_PRELOAD; default path {TCMALLOC}): glibc's malloc keeps "
+                        "the freed all-gather and reduce-scatter buffers, which hides what sharding saves")
     args = p.parse_args()
+    if args.tcmalloc and not Path(args.tcmalloc).is_file():
+        p.error(f"--tcmalloc: {args.tcmalloc} not found (Debian: apt-get install libtcmalloc-minimal4)")
     layouts = args.layouts.split(",")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +98,7 @@ def main() -> None:
 
     base = next((r for r in rows if r["layout"] == "ddp"), rows[0])
     print(f"\nSFT of {args.model}: {args.batch_size * 2} rows of {args.max_length} tokens per step, {args.steps} steps, "
-          f"{args.threads} threads in all\n")
+          f"{args.threads} threads in all, allocator {'tcmalloc' if args.tcmalloc else 'glibc malloc'}\n")
     print("| layout | processes | tokens/s | vs ddp | peak RSS per process (MB) | params+grads+AdamW per process (MB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -59,10 +59,25 @@ def curve(run_dir, key="loss") -> list[float]:
 
 
 def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (threads may end while they are read: skipped)."""
     from pathlib import Path
 
-    kids = [int(k) for t in Path(f"/proc/{pid}/task").iterdir() for k in (t / "children").read_text().split()]
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
     return [d for k in kids for d in (k, *descendants(k))]
+
+
+def kill_9(pid: int) -> None:
+    """SIGKILL a launcher and its workers (each in its own session, so not one process group)."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def max_weight_diff(a, b, name="model.safetensors") -> float:
@@ -113,8 +128,14 @@ def test_sharded_on_two_processes_trains_as_one(tasks, stage, per_device, extra,
     if "algorithm=ppo" in extra:
         assert max_weight_diff(one, two, "value/model.safetensors") <= 1e-4
     ckpt = checkpoint.latest(two)
-    if "parallel=fsdp" in extra:  # every process's DCP shards
+    if "parallel=fsdp" in extra:  # every process's DCP shards, which evaluation reads back as a model
         assert (ckpt / "sharded" / ".metadata").is_file() and len(list((ckpt / "sharded").glob("*.distcp"))) == 2
+        if stage == "sft":
+            from posttrain.models import load_model
+
+            got = load_model(str(ckpt)).state_dict()
+            want = load_file(str(one / "checkpoints" / ckpt.name / "model.safetensors"))
+            assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-4
     else:  # every process's ZeRO partitions
         assert len(list((ckpt / "deepspeed" / "state").glob("zero_pp_rank_*_optim_states.pt"))) == 2
     assert not (ckpt / "optimizer.pt").exists() and not (ckpt / "model.safetensors").exists()
@@ -150,8 +171,7 @@ def test_sharded_checkpoints_survive_kill_9_and_resume(parallel, tasks, tmp_path
             if last is not None and int(last.name.split("-")[1]) >= 20:
                 break
             time.sleep(0.005)
-        for pid in [proc.pid, *descendants(proc.pid)]:  # the launcher and both workers (their own sessions)
-            os.kill(pid, signal.SIGKILL)
+        kill_9(proc.pid)
         proc.wait()
         assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"
         killed_at = int(checkpoint.latest(run_dir).name.split("-")[1])
@@ -235,7 +255,8 @@ def test_an_accelerate_config_that_shards_is_refused(kind, tmp_path):
     with pytest.raises(UserError, match=f"^accelerate config: distributed_type {kind} is not used by posttrain; launch "
                                         "with a plain multi-process config and set parallel in the posttrain config"):
         parallel.layout(cfg, SimpleNamespace(distributed_type=DistributedType[kind]))
-    assert isinstance(parallel.layout(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)), parallel.DDP)
+    plain = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, backward=None, num_processes=2)
+    assert isinstance(parallel.layout(cfg, plain), parallel.DDP)
 
 
 def test_fsdp_settings_are_checked(tmp_path):

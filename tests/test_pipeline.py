@@ -108,6 +108,9 @@ def test_shipped_recipes_are_valid(name, tmp_path):
     path = os.path.join(os.path.dirname(__file__), "..", "recipes", name)
     classes = {"midtrain": cfgmod.MidtrainConfig, "sft": cfgmod.SFTConfig, "dpo": cfgmod.DPOConfig,
                "reward": cfgmod.RewardConfig, "rlvr": cfgmod.RLVRConfig}
+    if name == "tulu3-8b.yaml":  # meant for 8 GPUs, every training stage sharded (docs/distributed.md)
+        assert "torchrun --nproc_per_node 8 -m posttrain.cli run recipes/tulu3-8b.yaml" in open(path).read()
+        assert {s["config"].get("parallel") for s in load_recipe(path)["stages"] if s["stage"] in TRAINING} == {"fsdp"}
     model = None
     for s in load_recipe(path)["stages"]:
         if s["stage"] in TRAINING:

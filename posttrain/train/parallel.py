@@ -46,6 +46,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from posttrain.errors import UserError
+from posttrain.train import checkpoint
+
 SHARDED_DIR = "sharded"  # an FSDP checkpoint's DCP directory
 DEEPSPEED_DIR = "deepspeed"  # a DeepSpeed checkpoint's directory
 
@@ -53,8 +56,6 @@ DEEPSPEED_DIR = "deepspeed"  # a DeepSpeed checkpoint's directory
 def layout(cfg, accelerator) -> DDP | FSDP | DeepSpeed:
     """The layout ``cfg.parallel`` names. An accelerate config that shards on its own (FSDP or DeepSpeed
     set in ``accelerate config``; on GPUs) is refused: the loop's checkpoints and gathers would not know."""
-    from posttrain.errors import UserError
-
     kind = accelerator.distributed_type.name
     if kind in ("FSDP", "DEEPSPEED"):
         raise UserError(f"accelerate config: distributed_type {kind} is not used by posttrain; launch with a plain "
@@ -136,13 +137,7 @@ class DDP:
         needed). Unsharded layouts return the model itself."""
         return model if keep else None
 
-    def whole_state(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        """``(name, whole CPU tensor)`` for every entry of the model's state (every process calls this)."""
-        return [(name, t.detach().to("cpu")) for name, t in model.state_dict().items()]
-
     def save(self, output_dir, step: int, model, tokenizer, scheduler, state: dict, extra_models: dict | None) -> None:
-        from posttrain.train import checkpoint
-
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             checkpoint.save(output_dir, step, model, tokenizer, self.optimizer, scheduler, state, self.cfg.save_total_limit,
@@ -150,8 +145,6 @@ class DDP:
         self.accelerator.wait_for_everyone()
 
     def load(self, ckpt: Path, model, scheduler, extra_models: dict | None) -> dict:
-        from posttrain.train import checkpoint
-
         checkpoint.load_weights(model, ckpt)
         for name, extra in (extra_models or {}).items():
             checkpoint.load_weights(extra, ckpt / name)
@@ -188,15 +181,14 @@ class FSDP(DDP):
         return copy_into(into, ((n, t.full_tensor() if isinstance(t, DTensor) else t)
                                 for n, t in model.state_dict().items()))
 
-    def whole_state(self, model):
+    def whole_state(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """``(name, whole CPU tensor)`` for every entry of the model's state (every process calls this)."""
         from torch.distributed.tensor import DTensor
 
         return [(n, (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu"))
                 for n, t in model.state_dict().items()]
 
     def save(self, output_dir, step, model, tokenizer, scheduler, state, extra_models):
-        from posttrain.train import checkpoint
-
         def write(tmp: Path) -> None:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -211,8 +203,6 @@ class FSDP(DDP):
     def load(self, ckpt, model, scheduler, extra_models):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        from posttrain.train import checkpoint
 
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state}
@@ -285,8 +275,6 @@ class DeepSpeed(DDP):
             return [(n, t.detach().to("cpu", copy=True)) for n, t in model.state_dict().items()]
 
     def save(self, output_dir, step, model, tokenizer, scheduler, state, extra_models):
-        from posttrain.train import checkpoint
-
         def write(tmp: Path) -> None:
             self.engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag="state", save_latest=False)
 
@@ -294,9 +282,6 @@ class DeepSpeed(DDP):
                                 self.accelerator.is_main_process)
 
     def load(self, ckpt, model, scheduler, extra_models):
-        from posttrain.errors import UserError
-        from posttrain.train import checkpoint
-
         wrote = checkpoint.read_state(ckpt).get("processes")
         if wrote != self.accelerator.num_processes:
             raise UserError(f"{ckpt}: a DeepSpeed checkpoint of {wrote} process(es) resumes on {wrote}, not "

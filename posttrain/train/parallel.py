@@ -3,8 +3,8 @@
 The loop asks a layout for five things and never looks at which one it has: wrap the module and its
 optimizer (``prepare``), the context and the function of a micro-batch's backward (``accumulating``,
 ``backward`` and ``loss_scale``), make an update (``step``: clip, optimizer step, zero the gradients;
-returns the gradient norm), write and read
-checkpoints, and hand out the whole model (``whole``: for generation, evaluation and the final save).
+returns the gradient norm), write and read checkpoints, and hand out the whole model (``whole``: for
+generation, evaluation and the final save).
 
 ``ddp`` (default): accelerate's DistributedDataParallel. Every process holds the whole model, its
 gradient and the AdamW state (``16 P`` bytes in float32 for ``P`` parameters); gradients are averaged
@@ -25,7 +25,7 @@ process with ``fsdp`` forms a group of one. Checkpoints go through ``torch.distr
 ``deepspeed``: DeepSpeed ZeRO (``deepspeed_zero_stage`` 2: gradients and optimizer state partitioned,
 3: parameters too) around the loop's own AdamW, which then steps on each process's flat fp32
 partition. DeepSpeed keeps that fp32 partition as a master copy beside the module's parameters, so a
-process holds ``(4 + 12 / N) P`` bytes under ZeRO-2 and ``16 P / N + 4 P / N`` under ZeRO-3 in float32
+process holds ``(4 + 16 / N) P`` bytes under ZeRO-2 and ``(4 + 16) P / N`` under ZeRO-3 in float32
 (ZeRO is made for 16-bit parameters over fp32 masters). Checkpoints: DeepSpeed's own
 (``checkpoint-N/deepspeed/``, every process writes its partitions); they resume on the number of
 processes that wrote them.

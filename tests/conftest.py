@@ -20,6 +20,20 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+def wait_for_checkpoint(proc, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Poll until ``run_dir`` holds a complete checkpoint at ``step`` or later (or ``proc`` ends)."""
+    import time
+
+    from posttrain.train import checkpoint
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        last = checkpoint.latest(run_dir)
+        if last is not None and int(last.name.split("-")[1]) >= step:
+            return
+        time.sleep(0.005)
+
+
 def addition_records(n: int = 40, seed: int = 0) -> list[dict]:
     from posttrain.data.synth.arithmetic import addition_problems, addition_record
 

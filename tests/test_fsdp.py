@@ -16,10 +16,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import mod2_task_files, multi_turn_records, write_jsonl
+from conftest import mod2_task_files, multi_turn_records, wait_for_checkpoint, write_jsonl
 from safetensors.torch import load_file
 
 from posttrain.config import SFTConfig, load_config
@@ -165,12 +164,7 @@ def test_sharded_checkpoints_survive_kill_9_and_resume(parallel, tasks, tmp_path
     for name, resume in (("again-on-2", []), ("on-1", ["per_device_train_batch_size=4"])):
         run_dir = tmp_path / name
         proc = subprocess.Popen(sft(run_dir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            last = checkpoint.latest(run_dir)
-            if last is not None and int(last.name.split("-")[1]) >= 20:
-                break
-            time.sleep(0.005)
+        wait_for_checkpoint(proc, run_dir, 20)
         kill_9(proc.pid)
         proc.wait()
         assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"

@@ -6,11 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import multi_turn_records, write_jsonl
+from conftest import multi_turn_records, wait_for_checkpoint, write_jsonl
 from safetensors.torch import load_file
 
 from posttrain.train import checkpoint
@@ -49,12 +48,7 @@ def test_sigkill_and_resume_gives_identical_weights(stage, tmp_path, tiny_model_
 
     cfg = _config(tmp_path, stage, model, data, run_dir)
     proc = subprocess.Popen(_cmd(stage, cfg), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        last = checkpoint.latest(run_dir)
-        if last is not None and int(last.name.split("-")[1]) >= 40:
-            break
-        time.sleep(0.005)
+    wait_for_checkpoint(proc, run_dir, 40)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -8,11 +8,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import mod2_prompt, mod2_task_files, write_jsonl
+from conftest import mod2_prompt, mod2_task_files, wait_for_checkpoint, write_jsonl
 from safetensors.torch import load_file
 
 from posttrain.config import DataSource, RLVRConfig, load_config
@@ -199,12 +198,7 @@ def test_sigkill_and_resume_gives_identical_weights(mod2_task, tmp_path, algorit
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     subprocess.run(cmd(yaml(ref_dir)), check=True, env=env, capture_output=True, timeout=600)
     proc = subprocess.Popen(cmd(yaml(run_dir)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        last = checkpoint.latest(run_dir)
-        if last is not None and int(last.name.split("-")[1]) >= 20:
-            break
-        time.sleep(0.005)
+    wait_for_checkpoint(proc, run_dir, 20)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"

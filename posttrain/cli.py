@@ -61,12 +61,18 @@ def cmd_eval(args) -> None:
     if bool(args.model) == bool(args.checkpoints):
         raise UserError("give exactly one of --model DIR and --checkpoints RUN_DIR")
     kwargs = dict(limit=args.limit, data=_data_map(args.data), batch_size=args.batch_size, seed=args.seed, samples=args.samples,
-                  judge=args.judge, max_new_tokens=args.max_new_tokens, engine=args.engine)
+                  judge=args.judge, max_new_tokens=args.max_new_tokens, engine=args.engine, chat_template=args.chat_template)
     if args.checkpoints:
         evaluate_checkpoints(args.checkpoints, names, args.output, **kwargs)
     else:
         evaluate(args.model, names, args.output, **kwargs)
     print(f"{args.output}/results.json")
+
+
+def cmd_compare(args) -> None:
+    from posttrain.eval.compare import compare, table
+
+    print(table(compare(args.before, args.after)), end="")
 
 
 def cmd_tts(args) -> None:
@@ -166,9 +172,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                    help="generation engine for a local model (vllm: the optional extra, docs/engines.md)")
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--chat-template", help="render prompts with this template (tulu, chatml, gemma or Jinja) instead of "
+                                           "the tokenizer's own: a base model in its successors' format")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", default="runs/eval", help="output directory (default: runs/eval)")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="paired comparison of two evaluations of the same instances (before/after)")
+    c.add_argument("before", help="output directory of `posttrain eval` (its samples.jsonl)")
+    c.add_argument("after", help="output directory of `posttrain eval` on the same data")
+    c.set_defaults(func=cmd_compare)
 
     t = sub.add_parser("tts", help="test-time scaling: budget forcing and majority voting sweeps (s1)")
     t.add_argument("--model", required=True)

@@ -38,7 +38,7 @@ class DataSource:
     fraction: float | None = None
     license: str | None = None
     format: Literal["auto", "messages", "prompt_completion", "gsm8k", "hh_rlhf", "preference", "math", "ifeval",
-                    "humaneval"] = "auto"
+                    "humaneval", "self_instruct"] = "auto"
 
     def validate(self, where: str) -> None:
         if not self.path:
@@ -59,7 +59,7 @@ class TrainConfig:
     output_dir: str = ""
     datasets: list[DataSource] = field(default_factory=list)
     eval_datasets: list[DataSource] = field(default_factory=list)
-    chat_template: str | None = None  # tulu | chatml | a Jinja string; None: the tokenizer's own
+    chat_template: str | None = None  # tulu | chatml | gemma | a Jinja string; None: the tokenizer's own
     max_seq_length: int = 1024
     # optimisation
     learning_rate: float = 2e-5

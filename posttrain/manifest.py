@@ -35,6 +35,10 @@ def library_versions() -> dict:
 
 
 def build(stage: str, cfg, *, data: list[dict], data_stats: dict, metrics: dict, started: float, **extra) -> dict:
+    """``model_license`` is the license of the model the stage started from (posttrain.models.license_of:
+    an alias's, or the lineage a trained model's own manifest recorded); ``licenses`` those of its data."""
+    from posttrain.models import license_of
+
     licenses = sorted({str(s["license"]) for s in data if s.get("license")} | (
         {"unknown"} if any(not s.get("license") for s in data) else set()))
     return {
@@ -43,6 +47,7 @@ def build(stage: str, cfg, *, data: list[dict], data_stats: dict, metrics: dict,
         "git_revision": git_revision(),
         "config": to_dict(cfg),
         "config_hash": config_hash(cfg),
+        "model_license": license_of(cfg.model),
         "data": data,
         "licenses": licenses,
         "data_stats": data_stats,

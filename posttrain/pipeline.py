@@ -212,10 +212,12 @@ def _evaluate(kind: str, config: dict, out: Path, fresh: bool, model: str | None
 
 
 def write_report(root: Path, recipe: dict, summary: list[dict]) -> None:
-    """report.md and report.html: per stage its time, key metrics, data licenses, and loss curves."""
+    """report.md and report.html: per stage its time, key metrics, model and data licenses, and loss (and
+    RL reward) curves."""
     from posttrain.eval import plots
 
     licenses: dict[str, set] = {}
+    models: dict[str, str] = {}  # the license of each training stage's starting model
     lines = ["# Run report", "", "| stage | kind | skipped | seconds | key results |", "|---|---|---|---|---|"]
     images = []
     for entry in summary:
@@ -227,21 +229,24 @@ def write_report(root: Path, recipe: dict, summary: list[dict]) -> None:
                             if isinstance(v, float) and (k == "loss" or k.startswith("eval/")))
             manifest = out / "manifest.json"
             if manifest.is_file():
-                for d in json.loads(manifest.read_text()).get("data", []):
+                made = json.loads(manifest.read_text())
+                models[entry["stage"]] = made.get("model_license", "unknown")
+                for d in made.get("data", []):
                     licenses.setdefault(str(d.get("license") or "unknown"), set()).add(d.get("path"))
             metrics = out / "metrics.jsonl"
             if metrics.is_file():
                 rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-                pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-                if pts:
-                    fig, ax = plots.figure((5, 3))
-                    ax.plot(*zip(*pts))
-                    ax.set_xlabel("step")
-                    ax.set_ylabel("loss")
-                    ax.set_title(entry["stage"])
-                    ax.grid(alpha=0.3)
-                    plots.save(fig, root / f"loss-{entry['stage']}.png")
-                    images.append(f"loss-{entry['stage']}.png")
+                for name in ("loss", "reward"):  # RL stages: the mean reward per completion too
+                    pts = [(r["step"], r[name]) for r in rows if name in r]
+                    if pts:
+                        fig, ax = plots.figure((5, 3))
+                        ax.plot(*zip(*pts))
+                        ax.set_xlabel("step")
+                        ax.set_ylabel(name)
+                        ax.set_title(entry["stage"])
+                        ax.grid(alpha=0.3)
+                        plots.save(fig, root / f"{name}-{entry['stage']}.png")
+                        images.append(f"{name}-{entry['stage']}.png")
         elif isinstance(entry.get("results"), dict):
             res = entry["results"]
             key = "; ".join(f"{t}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float))
@@ -259,6 +264,8 @@ def write_report(root: Path, recipe: dict, summary: list[dict]) -> None:
             against += "; unavailable: " + ", ".join(c["unavailable"])
         flagged = ", ".join(f"{t}: {r['flagged']} of {c['records']}" for t, r in c.get("tasks", {}).items()) or "-"
         lines.append(f"| {entry['stage']} | {'off' if c.get('checked') is False else against} | {flagged} |")
+    lines += ["", "## Model license (of the model each training stage started from)", ""]
+    lines += [f"- {stage}: {lic}" for stage, lic in models.items()]
     lines += ["", "## Data licenses", ""]
     lines += [f"- {lic}: {', '.join(sorted(map(str, paths)))}" for lic, paths in sorted(licenses.items())]
     lines += [""] + [f"![{img}]({img})" for img in images]

@@ -1,5 +1,5 @@
 """The built-in chat templates (Jinja), below every layer: models.py gives a tiny model's tokenizer
-``TULU``; data/chat.py offers both by name."""
+``TULU``; data/chat.py offers them by name."""
 
 TULU = (
     "{% for message in messages %}"
@@ -18,4 +18,16 @@ CHATML = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Gemma's turn format (its vocabulary has <start_of_turn> / <end_of_turn>), for a Gemma base model that
+# ships without a template. The assistant speaks as "model"; a system message is a turn of its own
+# (Gemma folds it into the first user turn, which would rewrite that turn: not prefix-consistent).
+GEMMA = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )

@@ -46,7 +46,8 @@ def check_token_by_token(tokenizer, messages, start_marker, end_marker):
 
 
 @pytest.mark.parametrize("name, start, end", [("tulu", "<|assistant|>\n", "</s>"),
-                                              ("chatml", "<|im_start|>assistant\n", "<|im_end|>\n")])
+                                              ("chatml", "<|im_start|>assistant\n", "<|im_end|>\n"),
+                                              ("gemma", "<start_of_turn>model\n", "<end_of_turn>\n")])
 def test_builtin_templates_mask_exactly_the_assistant_spans(tiny_model_dir, name, start, end):
     tok = load_tokenizer(str(tiny_model_dir))
     template, label = chat.resolve_template(tok, name)

@@ -102,3 +102,29 @@ def test_mixer_counts_fractions_upsampling_and_seed(tmp_path):
     assert mix(srcs, "sft", seed=7)[0] == recs
     assert mix(srcs, "sft", seed=8)[0] != recs
     assert choose(5, 0, __import__("random").Random(0)) == []
+
+
+def test_local_files_take_record_ranges_as_splits(tmp_path):
+    path = str(write_jsonl(tmp_path / "r.jsonl", [{"i": i} for i in range(5)] + [""]))  # a blank line is no record
+    ids = lambda split: [r["i"] for r, _ in read_records(path, split)]  # noqa: E731
+    assert ids("train") == ids("test") == ids("train[:]") == [0, 1, 2, 3, 4]
+    assert ids("train[:2]") == [0, 1] and ids("train[3:]") == [3, 4] and ids("train[1:3]") == [1, 2]
+    assert [w for _, w in read_records(path, "train[4:]")] == [f"{path}:5"]  # errors still name the real line
+    for bad in ("train[-2:]", "train[:50%]", "train[a]"):
+        with pytest.raises(UserError, match="record range such as train"):
+            list(read_records(path, bad))
+
+
+def test_self_instruct_tasks_as_sft_records(tmp_path):
+    src = DataSource(path=str(DATA / "self_instruct/seed_tasks.jsonl"), license="Apache-2.0")
+    recs, _ = mix([src], "sft", seed=0)
+    raw = [json.loads(x) for x in (DATA / "self_instruct/seed_tasks.jsonl").read_text().splitlines()]
+    assert len(recs) == 175
+    for r in recs:
+        user, asst = r["messages"]
+        task = next(t for t in raw if user["content"].startswith(t["instruction"].strip())
+                    and asst["content"] == t["instances"][0]["output"].strip())
+        assert user["content"].endswith(task["instances"][0]["input"].strip())
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "Say hi.", "instances": [{"input": "", "output": ""}]}])
+    with pytest.raises(UserError, match=r"bad.jsonl:1: field 'instances' needs a first instance"):
+        mix([DataSource(path=str(bad))], "sft", seed=0)

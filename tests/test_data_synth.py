@@ -4,7 +4,6 @@ function of the prompt) so every count can be checked; the same commands then ru
 against a real HTTP server with injected faults (interrupted and resumed) and on a local tiny model."""
 
 import json
-import random
 import re
 import threading
 
@@ -41,6 +40,39 @@ def start(engine, faults=None):
     server = make_server(engine, "scripted", port=0, faults=faults, fault_delay=2.0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"openai:scripted@http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+# --- rejection sampling -------------------------------------------------------------------------
+
+def test_rejection_sampling_keeps_the_best_finished_verified_responses(tmp_path):
+    from posttrain.data.synth.rejection import rejection_sample
+
+    no_comma = {"instruction_id_list": ["punctuation:no_comma", "startend:end_checker"],
+                "kwargs": [{}, {"end_phrase": "Bye."}]}
+    prompts = [{"messages": [{"role": "user", "content": "Say hi without commas and end with Bye."}],
+                "ground_truth": no_comma, "verifier": "ifeval", "id": "a"},
+               {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "ground_truth": "4", "verifier": "gsm8k"}]
+    replies = {0: ["Hi, there. Bye.", "Hi there. Bye.", "Hi there friend. Bye.", "Hi there"],  # 0.5, 1, 1, 0.5
+               1: ["#### 5", "#### 4", "#### 4", "#### 3"]}
+
+    class Engine(Scripted):
+        def generate(self, prompts, sampling=None):
+            out = super().generate(prompts, sampling)
+            if len(out) == 8:
+                out[7] = Completion("#### 4 and more", [], "length", 1)  # right but cut by the limit: never kept
+            return out
+
+    engine = Engine(lambda text, k, s: replies[0 if "hi" in text else 1][k])
+    records, stats = rejection_sample(engine, prompts, samples=4, per_prompt=2)
+    assert [(r["messages"][-1]["content"], r["score"]) for r in records] == \
+        [("Hi there. Bye.", 1.0), ("Hi there friend. Bye.", 1.0), ("#### 4", 1.0), ("#### 4", 1.0)]
+    assert records[0]["id"] == "a" and stats["unfinished"] == 1 and stats["kept_prompts"] == 2
+    assert stats["by_verifier"]["ifeval"]["mean_score"] == 0.75 and stats["by_verifier"]["gsm8k"]["mean_score"] == 0.75
+    half, _ = rejection_sample(Engine(lambda text, k, s: replies[0 if "hi" in text else 1][k]), prompts[:1], 4,
+                               min_score=0.5, per_prompt=3)
+    assert [r["score"] for r in half] == [1.0, 1.0, 0.5]
+    with pytest.raises(UserError, match="prompt 0 .*needs 'ground_truth'"):
+        rejection_sample(engine, [{"messages": prompts[0]["messages"], "ground_truth": None, "verifier": None}])
 
 
 # --- self-consistency ---------------------------------------------------------------------------
@@ -273,12 +305,8 @@ def test_persona_prompts_carry_provenance_verifiable_constraints_and_no_near_dup
         assert r["messages"][0]["content"].startswith(("As ", "Write a detailed"))  # lead-ins and labels removed
         get_verifier("ifeval")("anything", r["ground_truth"])  # the verifier accepts the ground truth
     assert {len(r["ground_truth"]["instruction_id_list"]) for r in records} == {1, 2, 3}
-    by_id = {c[0]: c for c in persona.CONSTRAINTS}
-    for seed in range(300):  # any draw: compatible constraints, each described in the prompt text
-        ids, kwargs, text = persona.constraints(random.Random(seed), 3)
-        groups = [by_id[i][1] for i in ids]
-        assert len(set(groups)) == len(groups) and not {"case", "end"} <= set(groups)
-        assert all(by_id[i][3](kw) in text for i, kw in zip(ids, kwargs))
+    for r in records:  # constraints drawn before the request exists: none that need its words
+        assert "combination:repeat_prompt" not in r["ground_truth"]["instruction_id_list"]
     gt = {"instruction_id_list": ["punctuation:no_comma", "startend:end_checker"],
           "kwargs": [{}, {"end_phrase": "Is there anything else I can help with?"}]}
     assert get_verifier("ifeval")("Fine. Is there anything else I can help with?", gt) == 1.0

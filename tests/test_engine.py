@@ -41,6 +41,49 @@ def test_logprobs_match_a_teacher_forced_forward(addition_sft_model, temperature
         assert len(o.logprobs) == len(o.token_ids)
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    """A tiny Gemma 3 (not Llama-family: decoded by ``model.generate``) whose sliding window (16) is
+    shorter than its prompts + completions."""
+    import json
+
+    from posttrain.models import build_tiny
+
+    texts = [json.dumps(r) for r in addition_records(100)]
+    return build_tiny(tmp_path_factory.mktemp("g") / "gemma3", texts, vocab_size=300, hidden_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=1, arch="gemma3", seed=1)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_generate_path_logprobs_match_a_teacher_forced_forward(tiny_gemma3, temperature):
+    """Log-probs after ``model.generate`` come from one forward over prompt + completion (with the
+    model's own causal, padding and sliding-window masks): they equal an unpadded forward per completion."""
+    from posttrain.inference import static_decoder
+
+    model, tok = tiny_gemma3
+    assert model.config.model_type == "gemma3_text" and not static_decoder.supports(model, 64)
+    prompts = [r["messages"][:1] for r in addition_records(40)[:5]] + [[{"role": "user", "content": "Hi " * 9}]]
+    outs = TransformersEngine(model, tok, batch_size=3).generate(
+        prompts, SamplingParams(max_new_tokens=12, temperature=temperature, seed=2, n=2))
+    t = temperature or 1.0
+    lengths = set()
+    for o in outs:
+        prompt = chat.prompt_ids(tok, prompts[o.prompt_index])
+        ids = torch.tensor([prompt + o.token_ids])
+        lengths.add(ids.shape[1])
+        with torch.no_grad():
+            logits = model(ids).logits[0].float() / t
+        want = [float(torch.log_softmax(logits[len(prompt) - 1 + k], -1)[tok_id]) for k, tok_id in enumerate(o.token_ids)]
+        assert o.logprobs == pytest.approx(want, abs=1e-4) and len(o.logprobs) == len(o.token_ids)
+    assert max(lengths) > 16 and len(lengths) > 1  # past the sliding window, with left padding in a batch
+    if temperature == 0.0:  # greedy tokens are generate's own
+        o = outs[0]
+        ids = torch.tensor([chat.prompt_ids(tok, prompts[0])])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             eos_token_id=chat.stop_token_ids(tok), pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        assert o.token_ids == ref.tolist()[:len(o.token_ids)]
+
+
 def test_stop_strings_and_finish_reasons(addition_sft_model):
     model, tok = load_model(addition_sft_model), load_tokenizer(addition_sft_model)
     engine = TransformersEngine(model, tok)

@@ -91,6 +91,27 @@ def test_eval_writes_results_samples_and_a_table(sft_model, tmp_path):
         evaluate(str(sft_model), ["mc"], tmp_path / "x", data={"mc": GSM8K})
 
 
+def test_eval_renders_prompts_with_a_chosen_chat_template(sft_model, tmp_path, monkeypatch):
+    from posttrain.data import chat
+    from posttrain.eval import runner
+
+    seen = []
+
+    class Spy(runner.TransformersEngine):
+        def __init__(self, model, tokenizer, **kwargs):
+            seen.append(tokenizer.chat_template)
+            super().__init__(model, tokenizer, **kwargs)
+
+    monkeypatch.setattr(runner, "TransformersEngine", Spy)
+    evaluate(str(sft_model), ["gsm8k"], tmp_path / "a", limit=2, data={"gsm8k": GSM8K})
+    evaluate(str(sft_model), ["gsm8k"], tmp_path / "b", limit=2, data={"gsm8k": GSM8K}, chat_template="chatml")
+    assert seen[0] != chat.CHATML and seen[1] == chat.CHATML
+    config = json.loads((tmp_path / "b" / "results.json").read_text())["config"]
+    assert config["chat_template"] == "chatml" and config["model_license"] == "unknown"
+    with pytest.raises(UserError, match="chat_template: only for a local model on the transformers engine"):
+        evaluate(str(sft_model), ["gsm8k"], tmp_path / "c", data={"gsm8k": GSM8K}, engine="vllm", chat_template="chatml")
+
+
 def test_multiple_choice_picks_the_most_likely_option(sft_model, tmp_path):
     model, tok = load_model(str(sft_model)), load_tokenizer(str(sft_model))
     rows = [{"question": "What is 2 + 3?", "choices": ["5", "9", "1 1"], "answer": "A"},
@@ -224,3 +245,32 @@ def test_command_line(sft_model, thinker, tmp_path, capsys):
     assert [p["mean_thinking_tokens"] for p in points] == [2.0, 4.0]
     assert "tts max_thinking 4" in capsys.readouterr().err
     assert main(["tts", "--model", str(tmp_path / "m"), "--task", "gsm8k", "--max-thinking", "a,b"]) == 2
+
+
+def test_compare_pairs_instances_and_gives_standard_errors(tmp_path, capsys):
+    """Hand-computed: before 1,0,0,1 and after 1,1,0,1 -> +0.25; differences 0,1,0,0 have sd 0.5, so the
+    paired SE is 0.5 / 2; IFEval's instructions pair one by one."""
+    from posttrain.cli import main
+    from posttrain.eval.compare import compare
+
+    def run(name, gsm, strict):
+        rows = [{"task": "gsm8k", "index": i, "score": v} for i, v in enumerate(gsm)]
+        rows += [{"task": "ifeval", "index": i, "score": float(all(s)), "strict": s} for i, s in enumerate(strict)]
+        return write_jsonl(tmp_path / name / "samples.jsonl", rows).parent
+
+    a = run("a", [1, 0, 0, 1], [[True, False], [True]])
+    b = run("b", [1, 1, 0, 1], [[True, True], [False]])
+    rows = {(r["task"], r["metric"]): r for r in compare(a, b)}
+    g = rows["gsm8k", "score"]
+    assert (g["n"], g["before"], g["after"], g["diff"]) == (4, 0.5, 0.75, 0.25)
+    assert g["before_se"] == pytest.approx(0.25) and g["after_se"] == pytest.approx((0.75 * 0.25 / 4) ** 0.5)
+    assert g["diff_se"] == pytest.approx(0.25)
+    inst = rows["ifeval", "inst_level_strict_acc"]
+    assert (inst["n"], inst["before"], inst["after"], inst["diff"]) == (3, 2 / 3, 2 / 3, 0.0)
+    assert inst["diff_se"] == pytest.approx((2 / 2) ** 0.5 / 3 ** 0.5)  # differences 0, +1, -1
+    assert rows["ifeval", "prompt_level_strict_acc"]["diff"] == 0.0
+    assert main(["compare", str(a), str(b)]) in (0, None)
+    assert "| gsm8k | score | 4 | 0.500 ± 0.250 | 0.750 ± 0.217 | +0.250 ± 0.250 | +1.0 |" in capsys.readouterr().out
+    other = run("c", [1, 0], [[True]])
+    with pytest.raises(UserError, match="gsm8k: the two runs scored different instances"):
+        compare(a, other)

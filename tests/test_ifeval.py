@@ -128,3 +128,67 @@ def test_every_dev_record_is_checkable():
         result = ifeval.followed("A response.\nP.S. thanks", {"instruction_id_list": r["instruction_id_list"],
                                                                "kwargs": r["kwargs"]})
         assert len(result) == len(r["instruction_id_list"])
+
+
+# --- open-instruct's formats: RLVR-IFeval's func_name + kwargs, IFEvalG's instruction_id ------------
+
+def _tulu(func_name, **kwargs):
+    """A ground truth as RLVR-IFeval stores it: every parameter key present, unused ones null."""
+    keys = ["N", "quantifier", "end_phrase", "keyword_list", "word", "forbidden_words", "letter", "i", "first_word",
+            "postscript_marker", "options", "section_splitter", "original_prompt"]
+    return json.dumps({"func_name": func_name, **{k: None for k in keys}, **kwargs})
+
+
+FUNC_CASES = [  # (ground truth, response, followed?) by open-instruct's semantics
+    (_tulu("validate_lowercase"), "all lower case here", True),
+    (_tulu("validate_lowercase"), "Not lower", False),
+    (_tulu("validate_uppercase"), "ALL UPPER 123", True),
+    (_tulu("verify_keyword_frequency", word="sea", N=2), "The sea, the Sea! seaside", True),  # exact count
+    (_tulu("verify_keyword_frequency", word="sea", N=1), "The sea, the Sea!", False),
+    (_tulu("verify_letter_frequency", letter="a", N=3), "a banana", False),  # 4 a's, case-sensitive
+    (_tulu("verify_letter_frequency", letter="a", N=4), "a banana", True),
+    (_tulu("validate_word_constraint", N=10, quantifier="around"), " ".join(["w"] * 11), True),  # +-1 for N=10
+    (_tulu("validate_word_constraint", N=10, quantifier="around"), " ".join(["w"] * 12), False),
+    (_tulu("validate_word_constraint", N=3, quantifier="at most"), "one two three", True),
+    (_tulu("verify_sentence_constraint", N=2, quantifier="at least"), "One. Two? Three", True),
+    (_tulu("verify_paragraph_count", N=2), "First.\n* * *\nSecond.", True),
+    (_tulu("verify_paragraph_count", N=2), "First.\n***\nSecond.", False),  # this format wants '* * *'
+    (_tulu("validate_paragraphs", N=2, first_word="Then", i=2), "First.\n\nThen more.", True),
+    (_tulu("verify_postscript", postscript_marker="P.S."), "Body.\nP.S. more", True),
+    (_tulu("verify_postscript", postscript_marker="P.S."), "Body.\nP.S.", False),
+    (_tulu("verify_bullet_points", N=2), "* one\n- two\nthree", True),
+    (_tulu("validate_sections", N=2, section_splitter="SECTION"), "SECTION 1 a SECTION 2 b", True),
+    (_tulu("validate_two_responses"), "first ****** second", True),
+    (_tulu("validate_two_responses"), "same ****** same", False),
+    (_tulu("validate_end", end_phrase="Bye."), "  Hello. Bye.\n", True),  # stripped first
+    (_tulu("validate_quotation"), '"quoted"', True),
+    (_tulu("validate_no_commas"), "a, b", False),
+    (_tulu("validate_choice", options=["My answer is yes.", "My answer is no."]), "My answer is no.", True),
+    (_tulu("validate_json_format"), '{"a": 1}', True),
+    (_tulu("validate_repeat_prompt", original_prompt="Say hi."), "Say hi. Hi!", True),
+    (_tulu("verify_keywords", keyword_list=["Sea", "wind"]), "the sea and the wind", True),
+    (_tulu("validate_forbidden_words", forbidden_words=["sea"]), "the season", False),  # substrings count here
+    (_tulu("validate_frequency_capital_words", N=2, quantifier="at least"), "THE BIG dog", True),
+    (_tulu("validate_placeholders", N=2), "[a] and [b]", True),
+    (_tulu("validate_highlighted_sections", N=1), "an *important* part", True),
+    (_tulu("validate_title"), "<<A title>>", True),
+    (_tulu("validate_response_language", language="en"), EN, True),
+]
+
+
+@pytest.mark.parametrize("truth,response,want", FUNC_CASES)
+def test_open_instruct_func_name_ground_truth(truth, response, want):
+    assert get_verifier("ifeval")(response, truth) == float(want)
+
+
+def test_every_open_instruct_function_has_a_case_and_formats_agree():
+    from posttrain.rewards.ifeval_functions import FUNCTIONS
+
+    assert {json.loads(t)["func_name"] for t, _, _ in FUNC_CASES} == set(FUNCTIONS)
+    ifevalg = [{"instruction_id": ["punctuation:no_comma", "startend:quotation"], "kwargs": [{}, {}]}]
+    assert get_verifier("ifeval")('"no commas here"', ifevalg) == 1.0
+    assert get_verifier("ifeval")('"a, b"', json.dumps(ifevalg)) == 0.5
+    with pytest.raises(Exception, match="unknown instruction 'new:thing'"):
+        ifeval.followed("x", {"instruction_id": ["new:thing"], "kwargs": [{}]})
+    with pytest.raises(Exception, match="unknown func_name 'nope'"):
+        ifeval.followed("x", {"func_name": "nope"})

@@ -118,3 +118,34 @@ def test_shipped_recipes_are_valid(name, tmp_path):
             model = cfg.model
         else:
             assert s["config"].get("tasks")
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-ifeval.yaml"])
+def test_real_model_recipes_run_a_few_steps_on_a_tiny_stand_in(name, tmp_path, tiny_model_dir, monkeypatch):
+    """The recipes of docs/results.md, every stage for a step or two with a tiny model in place of the
+    real one, from the repository root as documented: their keys and data files stay valid."""
+    from posttrain.pipeline import TRAINING
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    monkeypatch.chdir(root)
+    path = os.path.join("recipes", name)
+    overrides = []
+    for s in load_recipe(path)["stages"]:
+        n = s["name"]
+        if "model" in s["config"]:
+            overrides.append(f"{n}.model={tiny_model_dir}")
+        if s["stage"] in TRAINING:
+            overrides += [f"{n}.max_steps=2", f"{n}.save_steps=100", f"{n}.max_seq_length=128"]
+            if s["stage"] == "rlvr":
+                overrides += [f"{n}.max_completion_length=8", f"{n}.max_prompt_length=96"]
+        else:
+            overrides += [f"{n}.limit=2", f"{n}.max_new_tokens=8"]
+    recipe_file = tmp_path / name
+    recipe_file.write_text(open(path).read().replace("output_dir: runs/", f"output_dir: {tmp_path}/runs/", 1))
+    summary = run(recipe_file, overrides)
+    assert [e["stage"] for e in summary] == [s["name"] for s in load_recipe(path)["stages"]]
+    for e in summary:
+        if e["kind"] == "eval":
+            assert all(r["instances"] == 2 for r in e["results"].values())
+        elif e["kind"] in TRAINING:
+            assert e["metrics"]["step"] == 2

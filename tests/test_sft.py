@@ -55,6 +55,29 @@ def test_token_logprobs_match_the_models_own_loss(tiny_model_dir):
                           TokenLogProbs(model)(batch["input_ids"], batch["position_ids"], batch["labels"]), atol=1e-5)
 
 
+def test_chunked_head_gives_the_unchunked_values_and_gradients(tiny_model_dir, monkeypatch):
+    """A large vocabulary's head runs over checkpointed chunks of tokens; in float64 the log-probs and
+    gradients equal the unchunked ones up to rounding (1e-12: chunk sums add in another order)."""
+    from posttrain.inference import logprobs
+
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir)).double()
+    batch = collate(packing.unpacked(samples_for(tok, multi_turn_records(6))), tok.pad_token_id)
+
+    def run():
+        model.zero_grad()
+        lp = TokenLogProbs(model, temperature=0.7)(batch["input_ids"], batch["position_ids"], batch["labels"])
+        (lp * torch.linspace(0.5, 1.5, lp.numel(), dtype=lp.dtype).view_as(lp)).sum().backward()
+        return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    whole, whole_grads = run()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 7 * vocab)  # 7 tokens a chunk
+    assert batch["num_tokens"] > 7 * 3
+    chunked, chunked_grads = run()
+    assert float((chunked - whole).abs().max()) <= 1e-12  # a row's matmul may block differently per chunk
+    assert max_diff(chunked_grads, whole_grads) <= 1e-12
+
+
 def test_packed_loss_equals_unpacked_loss(tiny_model_dir):
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     samples = samples_for(tok, multi_turn_records(12) + addition_records(12))
@@ -154,6 +177,7 @@ def test_outputs_manifest_and_rerun(tmp_path, tiny_model_dir):
     assert tok.chat_template == chat.TULU and model.config.vocab_size == len(tok)
     m = json.loads((out / "manifest.json").read_text())
     assert m["stage"] == "sft" and m["config"]["max_steps"] == 4 and m["licenses"] == ["CC0-1.0"]
+    assert m["model_license"] == "unknown"  # a model card without a license
     assert m["data"][0]["fingerprint"].startswith("sha256:") and m["data"][0]["records_used"] == 40
     assert m["data_stats"]["samples"] == 40 and 0 < m["data_stats"]["packing_efficiency"] <= 1
     assert m["metrics"]["step"] == 4 and m["metrics"]["loss"] > 0 and m["posttrain_version"]
@@ -165,6 +189,20 @@ def test_outputs_manifest_and_rerun(tmp_path, tiny_model_dir):
     assert again.skipped and again.metrics == m["metrics"]
     with pytest.raises(UserError, match="finished run with a different config"):
         sft(tmp_path, tiny_model_dir, data, max_steps=5, save_steps=2, packing=True)
+
+
+def test_the_model_license_follows_the_lineage(tmp_path, tiny_model_dir):
+    """A model card's license reaches the manifest of a model trained from it, and of one trained from that."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "README.md").write_text("---\nlicense: gemma\n---\n")
+    data = write_jsonl(tmp_path / "d.jsonl", addition_records(8))
+    first = sft(tmp_path, base, data, name="first", max_steps=1)
+    second = sft(tmp_path, first.output_dir, data, name="second", max_steps=1)
+    for res in (first, second):
+        assert json.loads((res.output_dir / "manifest.json").read_text())["model_license"] == "gemma"
 
 
 def test_lora_trains_adapters_and_saves_a_merged_model(tmp_path, tiny_model_dir):

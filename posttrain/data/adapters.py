@@ -44,7 +44,18 @@ def detect_format(rec: dict) -> str:
         return "humaneval"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
+    if {"instruction", "instances"} <= keys:
+        return "self_instruct"
     return "messages"  # validation then names the missing field
+
+
+def self_instruct_task(rec: dict, where: str) -> tuple[str, str]:
+    """A self-instruct task's request (the instruction, then the first instance's input) and that
+    instance's output ("" when missing)."""
+    instances = rec.get("instances")
+    first = instances[0] if isinstance(instances, list) and instances and isinstance(instances[0], dict) else {}
+    extra = str(first.get("input") or "").strip()
+    return _field(rec, "instruction", where).strip() + (f"\n\n{extra}" if extra else ""), str(first.get("output") or "").strip()
 
 
 def gsm8k_final_answer(answer: str) -> str:
@@ -145,6 +156,11 @@ def _as_sft(rec: dict, fmt: str, where: str) -> dict:
                     {"role": "assistant", "content": _field(rec, "completion", where)}]
     elif fmt == "hh_rlhf":
         messages = parse_hh_text(rec.get("chosen"), where, "chosen")
+    elif fmt == "self_instruct":
+        request, output = self_instruct_task(rec, where)
+        if not output:
+            raise UserError(f"{where}: field 'instances' needs a first instance with a non-empty 'output'")
+        messages = [{"role": "user", "content": request}, {"role": "assistant", "content": output}]
     elif fmt == "preference":
         pair = records.preference_record(rec, where)
         messages = pair["prompt"] + pair["chosen"]

@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.errors import UserError
-from posttrain.templates import CHATML, TULU
+from posttrain.templates import CHATML, GEMMA, TULU
 
-BUILTIN = {"tulu": TULU, "chatml": CHATML}
+BUILTIN = {"tulu": TULU, "chatml": CHATML, "gemma": GEMMA}
 # Text that ends an assistant turn under each built-in template (besides the tokenizer's eos).
-END_OF_TURN = {"chatml": "<|im_end|>"}
+END_OF_TURN = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>"}
 
 
 def resolve_template(tokenizer, name: str | None) -> tuple[str, str]:
@@ -99,7 +99,8 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Ids that end an assistant turn: the eos token and, where the vocabulary has it, ``<|im_end|>``."""
+    """Ids that end an assistant turn: the eos token and, where the vocabulary has them, ``<|im_end|>``
+    and ``<end_of_turn>``."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for text in END_OF_TURN.values():
         tid = tokenizer.convert_tokens_to_ids(text)

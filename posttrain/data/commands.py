@@ -27,15 +27,11 @@ def _engine(spec: str, args, cache_name: str = "engine"):
 
 
 def _license_of(spec: str) -> str:
-    """A local model's license from its model card's front matter; else ``unknown``."""
-    if spec.startswith("openai:"):
-        return "see the provider's terms"
-    card = Path(spec) / "README.md"
-    if card.is_file():
-        for line in card.read_text(errors="replace").splitlines()[:40]:
-            if line.startswith("license:"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
+    """A generator's license: an endpoint's is its provider's terms; a local model's from
+    posttrain.models.license_of (alias, manifest lineage or model card)."""
+    from posttrain.models import license_of
+
+    return "see the provider's terms" if spec.startswith("openai:") else license_of(spec)
 
 
 def _write(args, files: dict[str, list[dict]], report: dict) -> None:
@@ -80,6 +76,36 @@ def cmd_arithmetic(args) -> None:
     print(out)
 
 
+def cmd_constraints(args) -> None:
+    from collections import Counter
+
+    from posttrain.data.decontam import NgramIndex, check_texts, eval_instances
+    from posttrain.data.synth.constraints import build, read_requests
+
+    requests, dropped = read_requests(args.requests)
+    index = NgramIndex(args.ngram)
+    for inst in eval_instances([a.strip() for item in args.against for a in item.split(",") if a.strip()]):
+        index.add(inst)
+    matches = check_texts(index, [r["text"] for r in requests], args.threshold)
+    flagged = [{"request": r["text"][:300], "where": r["where"], "matched_task": m.task, "matched_id": m.id,
+                "overlap": m.overlap} for r, m in zip(requests, matches) if m is not None]
+    clean = [r for r, m in zip(requests, matches) if m is None]
+    if not clean:
+        raise UserError("every request overlaps the evaluation sets; nothing to build from")
+    records = build(clean, args.n, args.seed, args.min_constraints, args.max_constraints)
+    ids = Counter(i for r in records for i in r["ground_truth"]["instruction_id_list"])
+    stats = {"requests": dict(Counter(r["kind"] for r in requests)), "dropped": dict(dropped),
+             "decontamination": {"against": args.against, "ngram": args.ngram, "threshold": args.threshold,
+                                 "checked": len(requests), "flagged": len(flagged), "examples": flagged[:20]},
+             "records": len(records), "distinct_requests": len({r["messages"][0]["content"] for r in records}),
+             "by_kind": dict(Counter(r["source"].split("/", 1)[1] for r in records)),
+             "constraints_per_prompt": dict(sorted(Counter(len(r["ground_truth"]["instruction_id_list"])
+                                                           for r in records).items())),
+             "instructions": dict(sorted(ids.items()))}
+    print(f"{len(requests)} requests, {len(flagged)} flagged against {', '.join(args.against)}")
+    _write(args, {"records.jsonl": records}, {"stats": stats})
+
+
 def cmd_decontaminate(args) -> None:
     from posttrain.data.decontam import decontaminate
 
@@ -116,6 +142,17 @@ def cmd_solve(args) -> None:
     answered = sum(s["answer"] is not None for r in solved for s in r["solutions"])
     _write(args, {"records.jsonl": solved}, {"stats": {"prompts": len(solved), "solutions": len(solved) * args.samples,
                                                      "with_answer": answered}})
+
+
+def cmd_rejection(args) -> None:
+    from posttrain.data.synth.prompts import read_prompts
+    from posttrain.data.synth.rejection import rejection_sample
+
+    records, stats = rejection_sample(_engine(args.engine, args), read_prompts(args.prompts), args.samples,
+                                      args.temperature, args.max_new_tokens, args.seed, args.min_score, args.per_prompt)
+    for r in records:
+        r["generator"], r["generator_license"] = args.engine, args.generator_license or _license_of(args.engine)
+    _write(args, {"records.jsonl": records}, {"stats": stats})
 
 
 def cmd_selfconsistency(args) -> None:
@@ -199,6 +236,20 @@ def add_parsers(dsub) -> None:
                     help="evaluation items with fewer words (and fewer than --ngram) are not checked, only counted")
     dc.set_defaults(func=cmd_decontaminate)
 
+    co = dsub.add_parser("constraints", help="verifiable-instruction RLVR prompts: local requests + 1-3 IFEval "
+                                             "constraints, decontaminated against evaluation prompts")
+    co.add_argument("--requests", nargs="+", required=True,
+                    help="files of base requests: self-instruct tasks, hh-rlhf pairs, GSM8K, personas, prompt files")
+    co.add_argument("--against", action="append", required=True,
+                    help="evaluation sets the requests must not overlap, as for decontaminate (ifeval=PATH); repeatable")
+    co.add_argument("--n", type=int, default=2000, help="prompts to write")
+    co.add_argument("--min-constraints", type=int, default=1)
+    co.add_argument("--max-constraints", type=int, default=3)
+    co.add_argument("--ngram", type=int, default=8, help="words per n-gram of the overlap check")
+    co.add_argument("--threshold", type=float, default=0.5, help="share of an evaluation item's n-grams that flags")
+    _common(co, engine=False)
+    co.set_defaults(func=cmd_constraints)
+
     pe = dsub.add_parser("persona", help="persona-driven prompts: math, code, or IFEval-style with verifiable constraints")
     pe.add_argument("--personas", default=str(EXAMPLE_PERSONAS), help="JSONL with a 'persona' field (default: 24 examples)")
     pe.add_argument("--skill", required=True, choices=["math", "code", "ifeval"])
@@ -215,6 +266,17 @@ def add_parsers(dsub) -> None:
     so.add_argument("--verifier", default="gsm8k", choices=["gsm8k", "math"], help="for prompts that do not name one")
     _common(so)
     so.set_defaults(func=cmd_solve)
+
+    rj = dsub.add_parser("rejection", help="verified responses as SFT data: sample, score with each prompt's verifier, "
+                                           "keep the finished ones that pass")
+    rj.add_argument("--prompts", nargs="+", required=True, help="verifiable prompt files (ground_truth + verifier)")
+    rj.add_argument("--engine", required=True)
+    rj.add_argument("--samples", type=int, default=4, help="responses drawn per prompt")
+    rj.add_argument("--min-score", type=float, default=1.0, help="keep responses the verifier scores at least this")
+    rj.add_argument("--per-prompt", type=int, default=1, help="kept responses per prompt at most (best first)")
+    rj.add_argument("--generator-license", help="license of the generator's outputs (default: the model's)")
+    _common(rj)
+    rj.set_defaults(func=cmd_rejection)
 
     sc = dsub.add_parser("selfconsistency", help="keep prompts whose solutions agree (majority vote)")
     sc.add_argument("--in", dest="input", required=True, help="the output of `posttrain data solve`")

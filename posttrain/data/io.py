@@ -3,12 +3,18 @@
 ``read_records`` yields ``(record, where)`` pairs, where ``where`` is what an error message should
 name: ``path:line`` for JSON Lines, ``path record i`` for JSON and parquet, ``hub_id[split] record i``
 for hub datasets (loaded through ``datasets``).
+
+``split`` may slice records as ``datasets`` does: ``train[:7000]``, ``train[7000:]``, ``train[100:200]``.
+The hub applies it itself; a local file (which is its own one split) keeps that range of its records,
+counted from 0 over the non-blank records, so a recipe can train on a file's head and evaluate on its tail.
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,18 +39,28 @@ def _decode(line: bytes, where: str) -> str:
         raise UserError(f"{where}: not UTF-8 text (byte {e.start}: {line[e.start:e.start + 1]!r})") from None
 
 
+_SLICE = re.compile(r"^\w+(?:\[(-?\d*):(-?\d*)\])?$")
+
+
+def record_range(split: str, path: str) -> tuple[int, int | None]:
+    """``(start, stop)`` of a split like ``train[:7000]`` (``(0, None)`` for a plain split name)."""
+    m = _SLICE.match(split.replace(" ", ""))
+    if m is None or any(b.startswith("-") for b in m.groups() if b):
+        raise UserError(f"{path}: split {split!r}: a local file takes a plain name or a record range such as "
+                        "train[:7000] or train[7000:] (non-negative record numbers)")
+    start, stop = m.groups()
+    return int(start or 0), (int(stop) if stop else None)
+
+
 def read_records(path: str, split: str = "train", name: str | None = None) -> Iterator[tuple[dict, str]]:
     p = Path(path)
     if p.is_file():
         suffix = _base_suffix(p)
-        if suffix == ".jsonl":
-            yield from _read_jsonl(p)
-        elif suffix == ".json":
-            yield from _read_json(p)
-        elif suffix == ".parquet":
-            yield from _read_parquet(p)
-        else:
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+        if suffix not in readers:
             raise UserError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)} (optionally .gz)")
+        start, stop = record_range(split, path)
+        yield from itertools.islice(readers[suffix](p), start, stop)
     elif p.is_dir():
         yield from _read_hub(str(p), split, name)
     elif path.startswith((".", "/", "~")) or p.suffix in LOCAL_SUFFIXES + (".gz",) or path.count("/") != 1:

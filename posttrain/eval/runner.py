@@ -25,7 +25,7 @@ from posttrain.eval.tasks import resolve_tasks
 from posttrain.eval.tasks.base import Task, load
 from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.inference.open import ENGINES, local_engine
-from posttrain.models import load_model, load_tokenizer
+from posttrain.models import license_of, load_model, load_tokenizer
 from posttrain.util import checkpoints, log
 
 
@@ -107,13 +107,18 @@ def summarize(task: Task, samples: list[dict]) -> dict:
 
 def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: int | None = None,
              data: dict[str, str] | None = None, batch_size: int = 16, seed: int = 0, samples: int | None = None,
-             judge: str | None = None, max_new_tokens: int | None = None, engine: str = "transformers") -> dict:
+             judge: str | None = None, max_new_tokens: int | None = None, engine: str = "transformers",
+             chat_template: str | None = None) -> dict:
     """``judge``: ``openai:<model>@<base_url>`` for judge-based tasks (else they are skipped);
     ``max_new_tokens`` caps every generating task (default: each task's own); ``engine``:
-    ``transformers`` or ``vllm`` for a local model."""
+    ``transformers`` or ``vllm`` for a local model; ``chat_template``: render prompts with this
+    template (a built-in name or Jinja) instead of the tokenizer's own, e.g. a base model evaluated in
+    the format its fine-tuned successors will use (transformers engine only)."""
     tasks = resolve_tasks(task_names)
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if chat_template and (engine != "transformers" or str(model_path).startswith("openai:")):
+        raise UserError("chat_template: only for a local model on the transformers engine")
     kind, engine = engine, None
     data = data or {}
     for name in data:
@@ -145,6 +150,8 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
         engine = local_engine(str(model_path), "vllm", batch_size)
     else:
         model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
+        if chat_template:
+            chat.apply_template(tokenizer, chat.resolve_template(tokenizer, chat_template)[0])
         engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +171,8 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
         log(f"eval {t.name}: " + ", ".join(f"{k} {v}" for k, v in results[t.name].items()))
     results.update({name: {"skipped": why} for name, why in skipped.items()})
     config = {"model": str(model_path), "tasks": [t.name for t in tasks] + list(skipped), "limit": limit, "data": data,
-              "seed": seed, "samples": samples, "judge": judge, "max_new_tokens": max_new_tokens, "engine": kind}
+              "seed": seed, "samples": samples, "judge": judge, "max_new_tokens": max_new_tokens, "engine": kind,
+              "chat_template": chat_template, "model_license": license_of(str(model_path))}
     write_text(out / "samples.jsonl", "".join(json.dumps(s, default=str) + "\n" for s in all_samples))
     write_json(out / "results.json", {"results": results, "config": config})
     write_text(out / "results.md", table(results))

@@ -20,7 +20,9 @@ draw through ``model.generate`` from a generator seeded with ``seed``). The glob
 
 ``Completion.logprobs[k]`` is the log-probability of ``token_ids[k]`` under the model's
 distribution at the sampling temperature (``log_softmax(logits / T)``, ``T = 1`` for greedy),
-before top-k/top-p truncation: the quantity RL needs as the "old" policy's log-probs.
+before top-k/top-p truncation: the quantity RL needs as the "old" policy's log-probs. The static
+decoder computes them while decoding; after ``model.generate`` one forward over prompt + completion
+does (keeping every step's logits would take ``steps x vocab`` floats per row).
 
 The public interface every engine offers (what budget forcing, evaluation and rollouts use):
 ``generate(prompts, sampling)``, ``encode(prompt) -> token ids``, ``tokenizer``, ``stop_ids``, and
@@ -225,17 +227,30 @@ class TransformersEngine:
             kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         if sampling.stop:
             kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
-        gen = self.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_new_tokens,
-                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id, output_logits=True,
-                                  return_dict_in_generate=True, **kwargs)
-        temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-        logits = torch.stack(gen.logits, dim=1).float() / temperature  # [B, new, V]
-        new = gen.sequences[:, input_ids.shape[1]:]
-        logprobs = torch.log_softmax(logits, -1).gather(-1, new[:, :logits.shape[1], None]).squeeze(-1)
+        sequences = self.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_new_tokens,
+                                        eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **kwargs)
+        new = sequences[:, input_ids.shape[1]:]
         # generate pads a row after its stop token: mark those slots finished (a sampled pad id stays a token)
         stops = torch.isin(new, torch.tensor(self.stop_ids, device=new.device)).long()
-        after = (stops.cumsum(1) - stops) > 0
-        return new.masked_fill(after, FINISHED).tolist(), logprobs.tolist()
+        new = new.masked_fill((stops.cumsum(1) - stops) > 0, FINISHED)
+        temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        return new.tolist(), self._scored(input_ids, attention, new, temperature).tolist()
+
+    @torch.no_grad()
+    def _scored(self, input_ids, attention, new, temperature: float) -> torch.Tensor:
+        """The log-probs of the ``new`` tokens (``[B, steps]``, 0 on finished slots) from one forward over
+        prompt + completion, rather than logits kept at every step of ``generate`` (``[B, steps, vocab]``:
+        17 GB for 32 x 512 tokens of a 262k vocabulary); the head runs chunked (posttrain.inference.logprobs)."""
+        from posttrain.inference.logprobs import IGNORE, TokenLogProbs
+
+        live = new != FINISHED
+        ids = torch.cat([input_ids, new.masked_fill(~live, self.pad_id)], 1)
+        keys = torch.cat([attention, live.long()], 1)  # a padding mask: the model adds causal and sliding windows
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, input_ids.shape[1]:] = new.masked_fill(~live, IGNORE)
+        positions = (keys.cumsum(1) - 1).clamp(min=0)
+        logp = TokenLogProbs(self.model, temperature)(ids, positions, labels, attention_mask=keys)
+        return logp[:, input_ids.shape[1] - 1:]
 
     def _completion(self, new: list[int], logprobs: list[float], prompt_index: int, stops: list[str]) -> Completion:
         """The sampled tokens up to and including the first stop id (as vLLM returns them: a trainer

@@ -6,6 +6,12 @@
 the largest matmul for every prompt and padding token. Models whose head does more than a linear
 map (logit soft-capping or scaling) take the plain forward instead.
 
+A large vocabulary (Gemma 3: 262,144 entries) makes the ``[tokens, vocab]`` logits the largest tensor
+of a step (1 GB per 1,000 tokens in float32, three times over with the softmax and its gradient).
+Past ``CHUNK_ELEMENTS`` logits the head and cross-entropy run over chunks of tokens, each under
+activation checkpointing, so at most one chunk's logits exist at a time, forward or backward; the
+values are those of the unchunked computation.
+
 Rows come from ``collate``: padding-free, ``position_ids`` restart at 0 for every packed sample and
 for the padding at the end of a row, so no token attends across samples or into padding.
 """
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE = -100
+CHUNK_ELEMENTS = 2**26  # logits per chunk (256 MB in float32)
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
@@ -73,7 +80,8 @@ class TokenLogProbs(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, pred_index: torch.Tensor | None = None) -> torch.Tensor:
-        """``attention_mask`` (optional): a boolean ``[B, 1, T, T]`` mask used as is; ``pred_index``
+        """``attention_mask`` (optional): a boolean ``[B, 1, T, T]`` mask used as is, or a ``[B, T]``
+        padding mask the model completes (causal, sliding windows); ``pred_index``
         (optional, ``[B, T-1]``): the position whose output predicts token ``t+1`` (default ``t``),
         for rows whose sequences branch (posttrain.train.rl.rows)."""
         target = labels[:, 1:]
@@ -89,10 +97,24 @@ class TokenLogProbs(nn.Module):
         else:
             picked = states[torch.arange(states.shape[0], device=states.device)[:, None].expand_as(pred_index)[sel],
                             pred_index[sel]]
-        logits = self.model.get_output_embeddings()(picked) if self.fast else picked
+        head = self.model.get_output_embeddings() if self.fast else None
+        wanted = target[sel]
+        vocab = head.weight.shape[0] if head is not None else picked.shape[-1]
+        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        if head is None or picked.shape[0] <= chunk:
+            logp = self._logp(head, picked, wanted)
+        else:
+            from torch.utils.checkpoint import checkpoint
+
+            logp = torch.cat([checkpoint(self._logp, head, picked[i:i + chunk], wanted[i:i + chunk], use_reentrant=False)
+                              for i in range(0, picked.shape[0], chunk)])
+        out = torch.zeros(target.shape, dtype=logp.dtype, device=input_ids.device)
+        out[sel] = logp
+        return out
+
+    def _logp(self, head: nn.Module | None, states: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        logits = head(states) if head is not None else states
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32 (float64 stays)
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        out = torch.zeros(target.shape, dtype=logits.dtype, device=input_ids.device)
-        out[sel] = -F.cross_entropy(logits, target[sel], reduction="none")
-        return out
+        return -F.cross_entropy(logits, wanted, reduction="none")

@@ -1,7 +1,12 @@
 """IFEval instruction checks, as in Google's instruction_following_eval, with partial credit.
 
-``ground_truth`` is ``{"instruction_id_list": [...], "kwargs": [{...}, ...]}`` exactly as in the
-IFEval data (or that dict as a JSON string); ``None`` kwargs are ignored. The score is the fraction
+``ground_truth`` (a dict or its JSON string) is one of
+- IFEval's ``{"instruction_id_list": [...], "kwargs": [{...}, ...]}``;
+- open-instruct's newer IF data (IFEvalG): ``{"instruction_id": [...], "kwargs": [...]}``, or a list
+  holding one such object (only IFEval's 25 instruction ids are known here);
+- open-instruct's ``allenai/RLVR-IFeval`` (Tulu 3): ``{"func_name": NAME, ...kwargs}``, one constraint
+  checked with open-instruct's semantics (posttrain.rewards.ifeval_functions).
+``None`` kwargs are ignored. The score is the fraction
 of the listed instructions the response follows (Tulu 3's partial credit). ``strict`` checks the
 response as it is; ``loose`` also accepts an instruction when any of these variants follows it:
 the response with ``*`` removed, with its first line dropped, its last line dropped, both dropped,
@@ -17,10 +22,14 @@ Treebank-style tokenizer behind ``word_tokenize``, no data needed). Language det
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import threading
 from collections.abc import Callable
+
+from posttrain.errors import UserError
+from posttrain.rewards.ifeval_functions import FUNCTIONS
 
 _RELATIONS = ("less than", "at least")
 
@@ -56,7 +65,7 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text)
 
 
-def _detect_language(text: str) -> str | None:
+def detect_language(text: str) -> str | None:
     with _IMPORT_LOCK:  # langdetect's detector factory is a lazily built global
         from langdetect import DetectorFactory, detect
         from langdetect.lang_detect_exception import LangDetectException
@@ -87,7 +96,7 @@ def keywords_letter_frequency(r, letter, let_frequency, let_relation):
 
 
 def language_response_language(r, language):
-    return _detect_language(r) == language
+    return detect_language(r) == language
 
 
 def number_sentences(r, num_sentences, relation):
@@ -194,11 +203,11 @@ def capital_word_frequency(r, capital_frequency, capital_relation):
 
 
 def english_capital(r):
-    return r.isupper() and _detect_language(r) == "en"
+    return r.isupper() and detect_language(r) == "en"
 
 
 def english_lowercase(r):
-    return r.islower() and _detect_language(r) == "en"
+    return r.islower() and detect_language(r) == "en"
 
 
 def no_comma(r):
@@ -248,19 +257,35 @@ def loose_variants(response: str) -> list[str]:
     return [v for v in base + [v.replace("*", "") for v in base] if v.strip()]
 
 
+def checks(ground_truth) -> list[tuple[Callable[..., bool], dict]]:
+    """The (check, kwargs) pairs a ground truth of any of the accepted formats asks for."""
+    gt = json.loads(ground_truth) if isinstance(ground_truth, str) else ground_truth
+    if isinstance(gt, list) and len(gt) == 1:
+        gt = gt[0]
+    if not isinstance(gt, dict):
+        raise UserError(f"ifeval ground truth: expected an object, got {type(gt).__name__}")
+    if "func_name" in gt:
+        if gt["func_name"] not in FUNCTIONS:
+            raise UserError(f"ifeval ground truth: unknown func_name {gt['func_name']!r}")
+        func = FUNCTIONS[gt["func_name"]]
+        params = set(inspect.signature(func).parameters) - {"text"}
+        return [(lambda text, **kw: func(text.strip(), **kw),  # open-instruct checks the stripped response
+                 {k: v for k, v in gt.items() if k in params and v is not None})]
+    ids = gt.get("instruction_id_list", gt.get("instruction_id"))
+    if not isinstance(ids, list):
+        raise UserError("ifeval ground truth: needs 'instruction_id_list' (IFEval), 'instruction_id' or 'func_name'")
+    kwargs = gt.get("kwargs") or [{}] * len(ids)
+    unknown = [i for i in ids if i not in CHECKS]
+    if unknown:
+        raise UserError(f"ifeval ground truth: unknown instruction {unknown[0]!r} (known: IFEval's 25)")
+    return [(CHECKS[i], {k: v for k, v in (kw or {}).items() if v is not None}) for i, kw in zip(ids, kwargs)]
+
+
 def followed(response: str, ground_truth, loose: bool = False) -> list[bool]:
     """Per instruction of ``ground_truth``: does ``response`` follow it?"""
-    if isinstance(ground_truth, str):
-        ground_truth = json.loads(ground_truth)
-    ids = ground_truth["instruction_id_list"]
-    kwargs = ground_truth.get("kwargs") or [{}] * len(ids)
+    pairs = checks(ground_truth)
     variants = loose_variants(response) if loose else [response]
-    out = []
-    for iid, kw in zip(ids, kwargs):
-        check = CHECKS[iid]
-        kw = {k: v for k, v in (kw or {}).items() if v is not None}
-        out.append(bool(variants) and any(check(v, **kw) for v in variants))
-    return out
+    return [bool(variants) and any(check(v, **kw) for v in variants) for check, kw in pairs]
 
 
 def score(response: str, ground_truth) -> float:

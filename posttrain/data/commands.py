@@ -106,6 +106,27 @@ def cmd_constraints(args) -> None:
     _write(args, {"records.jsonl": records}, {"stats": stats})
 
 
+def cmd_conform(args) -> None:
+    from posttrain.data.io import read_records
+    from posttrain.data.synth.conform import build, read_references
+    from posttrain.data.synth.prompts import prompt_record
+
+    prompts = []
+    for path in args.prompts:
+        for raw, where in read_records(path):
+            rec = prompt_record(raw, where)
+            if rec["verifier"] != "ifeval" or not isinstance(rec["ground_truth"], dict):
+                raise UserError(f"{where}: field 'verifier' must be 'ifeval' with IFEval's ground truth")
+            if not isinstance(raw.get("request_source"), str):
+                raise UserError(f"{where}: field 'request_source' is missing (prompts of `posttrain data constraints` "
+                                "name their request's record)")
+            prompts.append({**rec, "request_source": raw["request_source"], "where": where})
+            prompts[-1].setdefault("source", path)
+    records, report = build(prompts, read_references(prompts), args.seed)
+    print(f"{report['records']} of {report['prompts']} prompts kept (every constraint verified)")
+    _write(args, {"records.jsonl": records}, {"stats": report})
+
+
 def cmd_decontaminate(args) -> None:
     from posttrain.data.decontam import decontaminate
 
@@ -249,6 +270,13 @@ def add_parsers(dsub) -> None:
     co.add_argument("--threshold", type=float, default=0.5, help="share of an evaluation item's n-grams that flags")
     _common(co, engine=False)
     co.set_defaults(func=cmd_constraints)
+
+    cf = dsub.add_parser("conform", help="constraint-following SFT data without a model: each prompt's reference "
+                                         "reply edited to meet its constraints, kept when the ifeval verifier passes")
+    cf.add_argument("--prompts", nargs="+", required=True, help="records of `posttrain data constraints`")
+    cf.add_argument("--output", required=True, help="output directory")
+    cf.add_argument("--seed", type=int, default=0)
+    cf.set_defaults(func=cmd_conform)
 
     pe = dsub.add_parser("persona", help="persona-driven prompts: math, code, or IFEval-style with verifiable constraints")
     pe.add_argument("--personas", default=str(EXAMPLE_PERSONAS), help="JSONL with a 'persona' field (default: 24 examples)")

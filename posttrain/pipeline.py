@@ -182,13 +182,19 @@ def _evaluate(kind: str, config: dict, out: Path, fresh: bool, model: str | None
     target = config.pop("model", None) or model
     config.pop("output_dir")
     if kind == "onpolicy_pairs":
-        from posttrain.config import DataSource
+        from posttrain.config import DataSource, build
         from posttrain.data.mixing import mix
         from posttrain.data.synth.onpolicy import onpolicy_pairs
 
-        if not config.get("prompts"):
-            raise UserError("onpolicy_pairs stage: config key 'prompts' (a file of verifiable prompts) is required")
-        records, _ = mix([DataSource(path=config.pop("prompts"))], "verifiable", config.get("seed", 0))
+        prompts = config.pop("prompts", None)
+        if not prompts:
+            raise UserError("onpolicy_pairs stage: config key 'prompts' (a file of verifiable prompts, or a list "
+                            "of sources like datasets: {path, split, count}) is required")
+        sources = [build(DataSource, {"path": p} if isinstance(p, str) else p, f"onpolicy_pairs stage: prompts[{i}]")
+                   for i, p in enumerate(prompts if isinstance(prompts, list) else [prompts])]
+        for i, src in enumerate(sources):
+            src.validate(f"onpolicy_pairs stage: prompts[{i}]")
+        records, _ = mix(sources, "verifiable", config.get("seed", 0))
         pairs, stats = onpolicy_pairs(target, records, **config)
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))

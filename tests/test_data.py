@@ -46,6 +46,11 @@ def test_hh_rlhf_gz_to_preference_and_sft():
     assert preference_problem(pair) is None
     sft = to_kind(raw, "sft", "auto", "x")
     assert sft["messages"] == pair["prompt"] + pair["chosen"]
+    # a chosen conversation that ends in an empty reply trains on the turns before it
+    sft = to_kind({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", "rejected": "x"}, "sft", "auto", "x")
+    assert sft["messages"] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    records, _ = mix([DataSource(path=path)], "sft", seed=1)
+    assert len(records) == 2354
 
 
 def test_parse_hh_multi_turn():

@@ -374,3 +374,30 @@ def test_bad_inputs_name_the_file_and_record(tmp_path, capsys):
     assert main(["data", "solve", "--prompts", str(nothing), "--engine", "x", "--output", str(tmp_path / "o")]) == 2
     assert "n.jsonl:1: no prompt" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_onpolicy_pairs_take_best_against_worst_by_margin():
+    """0/1 verifier: correct vs wrong; IFEval partial credit: the most vs the least compliant reply when
+    their scores differ by min_margin; unfinished replies never enter a pair."""
+    from posttrain.data.synth.onpolicy import pair_completions
+
+    two = {"instruction_id_list": ["punctuation:no_comma", "startend:quotation"], "kwargs": [{}, {}]}
+    records = [{"messages": [{"role": "user", "content": "2+2?"}], "ground_truth": "4", "verifier": "gsm8k"},
+               {"messages": [{"role": "user", "content": "hi"}], "ground_truth": two, "verifier": "ifeval"},
+               {"messages": [{"role": "user", "content": "1+1?"}], "ground_truth": "2", "verifier": "gsm8k"},
+               {"messages": [{"role": "user", "content": "3+3?"}], "ground_truth": "6", "verifier": "gsm8k"}]
+    outs = [Completion(text=t, token_ids=[], finish_reason=f, prompt_index=i) for i, t, f in [
+        (0, "#### 4", "stop"), (0, "#### 5", "stop"), (0, "#### 4", "length"),
+        (1, '"no commas here"', "stop"), (1, "a, b", "stop"), (1, "no commas", "stop"), (1, "a, b, c", "length"),
+        (2, "#### 2", "stop"), (2, "#### 2", "stop"), (3, "#### 7", "stop"), (3, "#### 6", "length")]]
+    pairs, stats = pair_completions(records, outs, "onpolicy:m", min_margin=1.0)
+    assert [(p["prompt"][0]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"], p["scores"])
+            for p in pairs] == [("2+2?", "#### 4", "#### 5", [1.0, 0.0]), ("hi", '"no commas here"', "a, b", [1.0, 0.0])]
+    assert stats == {"prompts": 4, "pairs": 2, "all_correct": 1, "all_wrong": 1, "too_close": 0}
+    pairs, stats = pair_completions(records[1:2], [Completion(text=t, token_ids=[], finish_reason="stop") for t in
+                                                   ['"no commas here"', "no commas"]], "onpolicy:m", min_margin=0.5)
+    assert [p["scores"] for p in pairs] == [[1.0, 0.5]]
+    assert pair_completions(records[1:2], [Completion(text=t, token_ids=[], finish_reason="stop") for t in
+                                           ['"no commas here"', "no commas"]], "m")[1]["too_close"] == 1
+    with pytest.raises(UserError, match="min_margin"):
+        pair_completions(records, outs, "m", min_margin=0)

@@ -120,12 +120,18 @@ def test_shipped_recipes_are_valid(name, tmp_path):
             assert s["config"].get("tasks")
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-ifeval.yaml"])
+@pytest.mark.parametrize("name", ["smollm2-135m-ifeval.yaml", "gemma3-270m.yaml"])
 def test_real_model_recipes_run_a_few_steps_on_a_tiny_stand_in(name, tmp_path, tiny_model_dir, monkeypatch):
-    """The recipes of docs/results.md, every stage for a step or two with a tiny model in place of the
-    real one, from the repository root as documented: their keys and data files stay valid."""
+    """The recipes of docs/results.md, every stage for a step or two with a tiny model of the same
+    family in place of the real one, from the repository root as documented: their keys and data
+    files stay valid."""
+    from posttrain.models import build_tiny
     from posttrain.pipeline import TRAINING
 
+    if name.startswith("gemma3"):
+        tiny_model_dir = tmp_path / "gemma3"
+        build_tiny(tiny_model_dir, [json.dumps(r) for r in addition_records(60)], vocab_size=300, hidden_size=64,
+                   num_layers=2, num_heads=2, num_kv_heads=1, arch="gemma3", seed=1)
     root = os.path.join(os.path.dirname(__file__), "..")
     monkeypatch.chdir(root)
     path = os.path.join("recipes", name)
@@ -134,14 +140,22 @@ def test_real_model_recipes_run_a_few_steps_on_a_tiny_stand_in(name, tmp_path, t
         n = s["name"]
         if "model" in s["config"]:
             overrides.append(f"{n}.model={tiny_model_dir}")
+        if s["stage"] == "dpo" and "pairs.jsonl" in s["config"]["datasets"][0]["path"]:
+            # a tiny random model's 8-token samples never finish, so its on-policy stage pairs nothing
+            pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+                {"prompt": r["messages"][:1], "chosen": r["messages"][1:], "rejected": [
+                    {"role": "assistant", "content": r["messages"][1]["content"][::-1]}]} for r in addition_records(16)])
+            overrides += [f"{n}.datasets=[{{path: {pairs}}}]", f"{n}.gradient_accumulation_steps=1"]
         if s["stage"] in TRAINING:
             overrides += [f"{n}.max_steps=2", f"{n}.save_steps=100", f"{n}.max_seq_length=128"]
             if s["stage"] == "rlvr":
-                overrides += [f"{n}.max_completion_length=8", f"{n}.max_prompt_length=96"]
+                overrides += [f"{n}.max_completion_length=8", f"{n}.max_prompt_length=384"]
+        elif s["stage"] == "onpolicy_pairs":
+            overrides += [f"{n}.samples=2", f"{n}.max_new_tokens=8"]
         else:
             overrides += [f"{n}.limit=2", f"{n}.max_new_tokens=8"]
     recipe_file = tmp_path / name
-    recipe_file.write_text(open(path).read().replace("output_dir: runs/", f"output_dir: {tmp_path}/runs/", 1))
+    recipe_file.write_text(open(path).read().replace(" runs/", f" {tmp_path}/runs/"))
     summary = run(recipe_file, overrides)
     assert [e["stage"] for e in summary] == [s["name"] for s in load_recipe(path)["stages"]]
     for e in summary:

@@ -6,7 +6,8 @@ Formats (``format:`` of a data source; ``auto`` detects them from the keys):
 - ``prompt_completion``: ``{"prompt": str, "completion": str}`` (TRL's prompt-completion form).
 - ``gsm8k``: ``{"question", "answer"}`` with the final answer on a ``#### N`` line; calculator
   annotations ``<<48/2=24>>`` are removed from the solution text.
-- ``hh_rlhf``: ``{"chosen", "rejected"}`` as raw ``\\n\\nHuman: ... \\n\\nAssistant: ...`` text.
+- ``hh_rlhf``: ``{"chosen", "rejected"}`` as raw ``\\n\\nHuman: ... \\n\\nAssistant: ...`` text. As SFT
+  data, the ``chosen`` conversation up to its last non-empty reply (a few end in an empty one).
 - ``preference``: ``{"chosen", "rejected"}`` message lists, or ``{"prompt", "chosen", "rejected"}``.
 
 Verifiable prompts (``kind: verifiable``) also come from: ``gsm8k`` (ground truth = the ``####``
@@ -156,6 +157,9 @@ def _as_sft(rec: dict, fmt: str, where: str) -> dict:
                     {"role": "assistant", "content": _field(rec, "completion", where)}]
     elif fmt == "hh_rlhf":
         messages = parse_hh_text(rec.get("chosen"), where, "chosen")
+        empty = next((i for i, m in enumerate(messages) if m["role"] == "assistant" and not m["content"]), None)
+        if empty is not None and empty > 1:  # a few chosen conversations end in an empty reply: cut there
+            messages = messages[:empty - 1]
     elif fmt == "self_instruct":
         request, output = self_instruct_task(rec, where)
         if not output:

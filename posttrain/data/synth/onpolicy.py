@@ -1,42 +1,57 @@
 """On-policy preference pairs from verifiable prompts (as Tulu 3 used on-policy data): sample the
-model ``samples`` times per prompt, check each completion with the prompt's verifier, and pair a
-correct completion (chosen) with a wrong one (rejected), both drawn with a seeded RNG among distinct
-texts. Prompts whose samples are all right or all wrong give no pair and are counted."""
+model ``samples`` times per prompt, score each finished completion with the prompt's verifier, and
+pair a best-scored completion (chosen) with a worst-scored one (rejected), both drawn with a seeded
+RNG among distinct texts, when the scores differ by at least ``min_margin``. With a 0/1 verifier
+(GSM8K) that is a correct completion against a wrong one; with partial credit (IFEval's share of
+constraints followed) it is the most against the least compliant. Prompts without such a pair are
+counted: all correct, all wrong (or none finished), or too close."""
 
 from __future__ import annotations
 
 import random
 
+from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams
 from posttrain.inference.open import local_engine
 from posttrain.rewards import get_verifier
 
 
+def pair_completions(records: list[dict], outs: list, source: str, seed: int = 0,
+                     min_margin: float = 1.0) -> tuple[list[dict], dict]:
+    """``outs``: the engine's completions (``prompt_index``, ``text``, ``finish_reason``)."""
+    if not 0 < min_margin <= 1:
+        raise UserError(f"onpolicy pairs: min_margin must be in (0, 1], got {min_margin}")
+    by_prompt: dict[int, list] = {}
+    for o in outs:
+        by_prompt.setdefault(o.prompt_index, []).append(o)
+    pairs, stats = [], {"prompts": len(records), "pairs": 0, "all_correct": 0, "all_wrong": 0, "too_close": 0}
+    for i, rec in enumerate(records):
+        verify = get_verifier(rec["verifier"])
+        texts = sorted({o.text for o in by_prompt.get(i, []) if o.finish_reason == "stop" and o.text.strip()})
+        scores = {t: verify(t, rec["ground_truth"]) for t in texts}
+        if not texts or max(scores.values()) == 0:
+            stats["all_wrong"] += 1
+            continue
+        best, worst = max(scores.values()), min(scores.values())
+        if best - worst < min_margin:
+            stats["all_correct" if worst == 1.0 else "too_close"] += 1
+            continue
+        rng = random.Random(f"{seed}:{i}")
+        chosen = rng.choice([t for t in texts if scores[t] == best])
+        rejected = rng.choice([t for t in texts if scores[t] == worst])
+        pairs.append({"prompt": rec["messages"], "chosen": [{"role": "assistant", "content": chosen}],
+                      "rejected": [{"role": "assistant", "content": rejected}], "scores": [best, worst],
+                      "source": source, "license": rec.get("license", "unknown")})
+    stats["pairs"] = len(pairs)
+    return pairs, stats
+
+
 def onpolicy_pairs(model_dir: str, records: list[dict], samples: int = 8, temperature: float = 1.0,
                    max_new_tokens: int = 128, seed: int = 0, batch_size: int = 64,
-                   engine: str = "transformers") -> tuple[list[dict], dict]:
+                   engine: str = "transformers", min_margin: float = 1.0) -> tuple[list[dict], dict]:
     engine = local_engine(model_dir, engine, batch_size)
     engine.progress = "onpolicy pairs"
     outs = engine.generate([r["messages"] for r in records],
                            SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples, seed=seed))
-    by_prompt: dict[int, list] = {}
-    for o in outs:
-        by_prompt.setdefault(o.prompt_index, []).append(o)
-    pairs, stats = [], {"prompts": len(records), "pairs": 0, "all_correct": 0, "all_wrong": 0, "samples": samples}
-    for i, rec in enumerate(records):
-        verify = get_verifier(rec["verifier"])
-        texts = [o.text for o in by_prompt[i] if o.finish_reason == "stop" and o.text.strip()]
-        good = sorted({t for t in texts if verify(t, rec["ground_truth"]) == 1.0})
-        bad = sorted({t for t in texts if verify(t, rec["ground_truth"]) < 1.0})
-        if not bad:
-            stats["all_correct" if good else "all_wrong"] += 1
-            continue
-        if not good:
-            stats["all_wrong"] += 1
-            continue
-        rng = random.Random(f"{seed}:{i}")
-        pairs.append({"prompt": rec["messages"], "chosen": [{"role": "assistant", "content": rng.choice(good)}],
-                      "rejected": [{"role": "assistant", "content": rng.choice(bad)}],
-                      "source": f"onpolicy:{model_dir}", "license": rec.get("license", "unknown")})
-    stats["pairs"] = len(pairs)
-    return pairs, stats
+    pairs, stats = pair_completions(records, outs, f"onpolicy:{model_dir}", seed, min_margin)
+    return pairs, {**stats, "samples": samples}

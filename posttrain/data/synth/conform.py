@@ -26,8 +26,6 @@ import random
 import re
 from collections import Counter
 
-from posttrain.errors import UserError
-
 _REPLACE = {"very": "", "really": "", "basically": "", "actually": "", "literally": "", "just": "",
             "thing": "item", "stuff": "material", "good": "fine", "nice": "pleasant"}
 _POSTSCRIPTS = ["I hope this helps.", "Feel free to ask if anything is unclear.", "Thanks for the question."]
@@ -88,14 +86,14 @@ def _trim(text: str, truth: dict) -> str | None:
     margin = sum(i in _ADDED for i in ids)
     for i, kw in zip(ids, truth["kwargs"]):
         if i == "length_constraints:number_words" and kw["relation"] == "less than":
-            budget, kept = kw["num_words"] - 1 - 8 * margin, []
-            for s in _sentences(text):
+            budget, kept, sents = kw["num_words"] - 1 - 8 * margin, [], _sentences(text)
+            for s in sents:
                 if len(re.findall(r"\w+", " ".join(kept + [s]))) > budget:
                     break
                 kept.append(s)
             if not kept:
                 return None
-            text = " ".join(kept) if len(kept) < len(_sentences(text)) else text
+            text = " ".join(kept) if len(kept) < len(sents) else text
         if i == "length_constraints:number_sentences" and kw["relation"] == "less than":
             sents = _sentences(text)
             keep = kw["num_sentences"] - 1 - margin
@@ -159,6 +157,7 @@ def _shape(text: str, truth: dict) -> str | None:
 
 
 def _highlight(text: str, kw: dict) -> str:
+    """The first response's first sentences (split again after joining, as the data was built) highlighted."""
     n = kw["detectable_format:number_highlighted_sections"]["num_highlights"]
     first, sep, rest = text.partition("\n******\n")
     sents = _sentences(first)
@@ -210,16 +209,15 @@ def conform(reply: str, request: str, truth: dict, rng: random.Random) -> str | 
 
 
 def build(prompts: list[dict], references: dict[str, tuple[str, str]], seed: int = 0) -> tuple[list[dict], dict]:
-    """SFT records (prompt + edited reference reply) for the prompts the verifier passes, and a report:
+    """``prompts``: records with the ``ifeval`` verifier's ground truth (the command checks it). SFT
+    records (prompt + edited reference reply) for the prompts the verifier passes, and a report:
     per instruction id, how many prompts carried it and how many of those were kept."""
     from posttrain.rewards.ifeval import followed
 
     rng = random.Random(seed)
     records, seen, kept, why = [], Counter(), Counter(), Counter()
     for p in prompts:
-        truth = p.get("ground_truth")
-        if p.get("verifier") != "ifeval" or not isinstance(truth, dict):
-            raise UserError(f"{p.get('where', p.get('id', '?'))}: needs verifier 'ifeval' and its ground truth")
+        truth = p["ground_truth"]
         ids = truth["instruction_id_list"]
         seen.update(ids)
         if p.get("request_source") not in references:

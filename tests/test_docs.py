@@ -168,6 +168,8 @@ def test_layers_and_names():
         for module, names in imports_of(path):
             if rel[0] in lower or rel[0] in ("models.py", "util.py", "config.py", "templates.py"):
                 assert not module.startswith("posttrain.train"), f"{path}: imports {module}"
+            if rel[0] in ("data", "inference", "rewards"):  # retrieval sits above the engines
+                assert not module.startswith("posttrain.rag"), f"{path}: imports {module}"
             if rel[0] == "models.py":
                 assert not module.startswith("posttrain.data"), f"{path}: imports {module}"
             if rel[0] not in ("cli.py", "demo.py"):  # the entry points on top

@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: the passage datastore (index.py)."""

@@ -147,7 +147,8 @@ def cmd_model_prepare(args) -> None:
 
 def parser() -> argparse.ArgumentParser:
     from posttrain.data.commands import add_parsers as add_data_parsers
-    from posttrain.rag.commands import add_data_parsers as add_index_parser
+    from posttrain.rag.commands import add_data_parsers as add_rag_data_parsers
+    from posttrain.rag.commands import add_parser as add_rag_parser
 
     p = argparse.ArgumentParser(prog="posttrain",
                                 description="Post-train language models: the Tulu 3 recipe, open and reproducible.")
@@ -234,7 +235,9 @@ def parser() -> argparse.ArgumentParser:
     da = sub.add_parser("data", help="data tools: synthesis, decontamination, filtering, preference pairs, selection")
     dsub = da.add_subparsers(dest="data_command", required=True)
     add_data_parsers(dsub)
-    add_index_parser(dsub)
+    add_rag_data_parsers(dsub)
+
+    add_rag_parser(sub)
 
     d = sub.add_parser("demo", help="the main job on its embedded default: the whole recipe (midtrain, anneal, SFT, "
                        "on-policy DPO, GRPO, evaluations, majority voting) on a tiny model, on CPU")

@@ -136,6 +136,9 @@ class SFTConfig(TrainConfig):
 
     packing: bool = False
     loss_reduction: Literal["mean", "sum"] = "mean"
+    # tokens added to the vocabulary before training (new embedding rows start at the mean row);
+    # "selfrag" stands for Self-RAG's reflection tokens (posttrain.rag.selfrag.TOKENS)
+    add_tokens: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()

@@ -186,6 +186,29 @@ def load_model(name: str, dtype: str = "float32"):
     return model
 
 
+def add_tokens(tokenizer, tokens: list[str]) -> list[str]:
+    """Add ``tokens`` to the vocabulary as whole tokens that decode as text (not special: decoding
+    with ``skip_special_tokens`` keeps them); returns the ones that were new."""
+    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    tokenizer.add_tokens(new, special_tokens=False)
+    return new
+
+
+def resize_embeddings(model, vocab_size: int) -> None:
+    """Grow the input (and an untied output) embedding to ``vocab_size`` rows; each new row is the
+    mean of the old rows (deterministic; a new token starts where an average token is)."""
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(e.weight): e for e in (model.get_input_embeddings(), model.get_output_embeddings())
+                    if e is not None}.values():
+            emb.weight[old:] = emb.weight[:old].mean(0)
+
+
 def load_sharded_checkpoint(path: Path, dtype):
     """The model of a checkpoint written under ``parallel: fsdp`` (``sharded/``, DCP shards of every
     process, posttrain.train.parallel): rebuilt from its ``config.json``, its weights read from the

@@ -8,12 +8,16 @@ the generation prompt at inference time. Each segment is tokenized on its own an
 concatenated, so a trained span never shares a token with the text around it, and the prompt part
 tokenizes as it does when the prompt is rendered for generation.
 
+Retrieved context inside an assistant turn is read, never trained: a ``<paragraph>...</paragraph>``
+span (Self-RAG's passages, tags included) is cut out of the trained span as an untrained segment.
+
 A template must be prefix-consistent (rendering more turns only appends text); one that rewrites
 earlier turns (e.g. drops past reasoning) is refused with a clear error.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from posttrain.errors import UserError
@@ -22,6 +26,7 @@ from posttrain.templates import CHATML, GEMMA, TULU
 BUILTIN = {"tulu": TULU, "chatml": CHATML, "gemma": GEMMA}
 # Text that ends an assistant turn under each built-in template (besides the tokenizer's eos).
 END_OF_TURN = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>"}
+CONTEXT_SPAN = re.compile(r"<paragraph>.*?</paragraph>", re.S)
 
 
 def resolve_template(tokenizer, name: str | None) -> tuple[str, str]:
@@ -70,10 +75,19 @@ def segments(tokenizer, messages: list[dict], train_from: int = 0) -> list[tuple
             raise UserError("the chat template is not prefix-consistent (rendering more turns changes earlier "
                             "text), so assistant spans cannot be found; set chat_template to tulu or chatml")
         out.append((start[pos:], False))
-        out.append((end[len(start):], True))
+        out += _context_cut(end[len(start):])
         pos = len(end)
     out.append((full[pos:], False))
     return [(text, trained) for text, trained in out if text]
+
+
+def _context_cut(text: str) -> list[tuple[str, bool]]:
+    """An assistant span as trained pieces and untrained ``<paragraph>...</paragraph>`` pieces."""
+    out, pos = [], 0
+    for m in CONTEXT_SPAN.finditer(text):
+        out += [(text[pos:m.start()], True), (m.group(), False)]
+        pos = m.end()
+    return out + [(text[pos:], True)]
 
 
 @dataclass

@@ -28,6 +28,8 @@ The public interface every engine offers (what budget forcing, evaluation and ro
 ``generate(prompts, sampling)``, ``encode(prompt) -> token ids``, ``tokenizer``, ``stop_ids``, and
 ``progress``: a label, or None; with a label every ``generate`` call shows a progress bar with an ETA
 on stderr (evaluation, test-time scaling and the data commands set one; RL rollouts do not).
+The local engine also offers ``next_token_logprobs(prompts, token_ids)`` (Self-RAG's reflection-token
+probabilities).
 """
 
 from __future__ import annotations
@@ -158,6 +160,24 @@ class TransformersEngine:
             self.model.train(was_training)
             self._packed = {}
         return results
+
+    @torch.no_grad()
+    def next_token_logprobs(self, prompts: list, token_ids: list[int]) -> list[list[float]]:
+        """``log p(t | prompt)`` for each ``t`` of ``token_ids``, at the position after each prompt
+        (temperature 1): one forward per batch, the output head at the last position only."""
+        was_training = self.model.training
+        self.model.eval()
+        out: list[list[float]] = []
+        try:
+            for start in range(0, len(prompts), self.batch_size):
+                input_ids, attention = self._left_padded([self.encode(p) for p in prompts[start:start + self.batch_size]])
+                positions = (attention.cumsum(1) - 1).clamp(min=0)
+                logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                    logits_to_keep=1).logits[:, -1].float()
+                out += torch.log_softmax(logits, -1)[:, token_ids].tolist()
+        finally:
+            self.model.train(was_training)
+        return out
 
     @property
     def pad_id(self) -> int:

@@ -24,7 +24,8 @@ from posttrain.config import SFTConfig
 from posttrain.data import chat, packing
 from posttrain.data.mixing import mix
 from posttrain.inference.logprobs import TokenLogProbs, collate
-from posttrain.models import load_model, load_tokenizer
+from posttrain.models import add_tokens, load_model, load_tokenizer, resize_embeddings
+from posttrain.rag import selfrag
 from posttrain.train import contamination
 from posttrain.train.loop import Objective, Result, RowSource, finished, train
 from posttrain.util import log
@@ -83,6 +84,7 @@ def run_sft(cfg: SFTConfig, eval_fn=None) -> Result:
         return done
     tokenizer = load_tokenizer(cfg.model)
     template_label = chat.use_template(tokenizer, cfg.chat_template)
+    added = add_tokens(tokenizer, [t for name in cfg.add_tokens for t in (selfrag.TOKENS if name == "selfrag" else [name])])
     records, lineage = mix(cfg.datasets, "sft", cfg.seed)
     samples, stats = tokenize_records(tokenizer, records, cfg.max_seq_length)
     rows = build_rows(samples, cfg.max_seq_length, cfg.packing, cfg.seed)
@@ -99,6 +101,9 @@ def run_sft(cfg: SFTConfig, eval_fn=None) -> Result:
         eval_samples, _ = tokenize_records(tokenizer, eval_records, cfg.max_seq_length)
         eval_fn = eval_loss_fn(packing.unpacked(eval_samples), tokenizer.pad_token_id, cfg.per_device_eval_batch_size)
     model = load_model(cfg.model, cfg.dtype)
+    if added:
+        resize_embeddings(model, len(tokenizer))
+        log(f"sft: {len(added)} tokens added to the vocabulary ({', '.join(added[:4])}{', ...' if len(added) > 4 else ''})")
     torch.manual_seed(cfg.seed)
     return train(cfg, model, tokenizer, RowSource(rows, lambda batch: collate(batch, tokenizer.pad_token_id)),
                  sft_objective(cfg.loss_reduction), stage="sft", data=lineage, data_stats=stats, eval_fn=eval_fn,

@@ -111,9 +111,18 @@ def cmd_soup(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    if args.overrides[:1] == ["selfrag"]:
+        from posttrain.demo_selfrag import run_selfrag_demo
+
+        if args.overrides[1:]:
+            raise UserError(f"demo selfrag takes no overrides, got {' '.join(args.overrides[1:])}")
+        run_selfrag_demo(args.output or "runs/demo-selfrag", args.facts, args.seed or 0)
+        return
+    if args.facts or args.seed is not None:
+        raise UserError("--facts and --seed are options of `posttrain demo selfrag`")
     from posttrain.demo import run_demo
 
-    run_demo(args.output, args.overrides)
+    run_demo(args.output or "runs/demo", args.overrides)
 
 
 def cmd_model_tiny(args) -> None:
@@ -240,9 +249,12 @@ def parser() -> argparse.ArgumentParser:
     add_rag_parser(sub)
 
     d = sub.add_parser("demo", help="the main job on its embedded default: the whole recipe (midtrain, anneal, SFT, "
-                       "on-policy DPO, GRPO, evaluations, majority voting) on a tiny model, on CPU")
-    d.add_argument("--output", default="runs/demo", help="output directory (default: runs/demo)")
-    d.add_argument("overrides", nargs="*", help="STAGE.key=value overrides of posttrain/recipes/demo.yaml")
+                       "on-policy DPO, GRPO, evaluations, majority voting) on a tiny model, on CPU; "
+                       "`posttrain demo selfrag`: Self-RAG on a tiny model about facts it never trained on")
+    d.add_argument("--output", help="output directory (default: runs/demo, or runs/demo-selfrag)")
+    d.add_argument("--facts", help="demo selfrag: your own facts, JSONL of {subject, relation, object, text}")
+    d.add_argument("--seed", type=int, help="demo selfrag: the seed of the generated facts, split and training")
+    d.add_argument("overrides", nargs="*", help="STAGE.key=value overrides of posttrain/recipes/demo.yaml, or `selfrag`")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("model", help="build or prepare models")

@@ -2,6 +2,7 @@
 the draft is revised, and citations are verified (a wrong one fixed, a missing one fixed or removed)."""
 
 import json
+import math
 
 import pytest
 
@@ -75,3 +76,85 @@ def test_engine_checker_and_feedback_parsing():
     assert parse_feedback("- Feedback: add dates\nSearch: Ropa founding\nFeedback:\nnoise") == (["add dates"],
                                                                                                  ["Ropa founding"])
     assert parse_feedback("No feedback.") == ([], [])
+
+
+def test_rag_and_selfrag_data_commands(tmp_path, index, tiny_model_dir, capsys):
+    from posttrain.cli import main
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "Where was Ana Lor born?", "answer": "Ropa", "kind": "single",
+                                     "support": ["Ana Lor was born in Ropa."]}) + "\n")
+    ix = str(index.dir)
+    assert main(["rag", "--mode", "openscholar", "--model", str(tiny_model_dir), "--index", ix, "--input",
+                 str(questions), "--output", str(tmp_path / "a.jsonl"), "--checker", "overlap", "--rounds", "1",
+                 "--max-new-tokens", "6", "--k", "2"]) == 0
+    [answer] = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert answer["question"] == "Where was Ana Lor born?" and [p["title"] for p in answer["passages"]][0] == "Ana Lor"
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-2])
+    assert metrics["n"] == 1 and "citation_precision" in metrics
+    # Self-RAG decoding needs a model trained with the reflection tokens: one line, exit 2
+    assert main(["rag", "--model", str(tiny_model_dir), "--index", ix, "--question", "Where?"]) == 2
+    assert "lacks Self-RAG's reflection tokens" in capsys.readouterr().err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"messages": [{"role": "user", "content": "Where was Ana Lor born?"},
+                                              {"role": "assistant", "content": "Ana Lor was born in Ropa."}],
+                                 "support": ["Ana Lor was born in Ropa."], "answer": "Ropa"}) + "\n"
+                     + json.dumps({"instruction": "Hi", "output": ""}) + "\n")
+    assert main(["data", "selfrag", "--input", str(pairs), "--index", ix, "--output", str(tmp_path / "sr")]) == 2
+    assert "pairs.jsonl:2: field 'output' must be a non-empty string" in capsys.readouterr().err
+    pairs.write_text(pairs.read_text().splitlines()[0] + "\n")
+    assert main(["data", "selfrag", "--input", str(pairs), "--index", ix, "--output", str(tmp_path / "sr"), "--k", "1"]) == 0
+    [rec] = [json.loads(x) for x in (tmp_path / "sr" / "records.jsonl").read_text().splitlines()]
+    assert rec["messages"][1]["content"].startswith("[Retrieval]<paragraph>Ana Lor\n")
+    report = json.loads((tmp_path / "sr" / "report.json").read_text())
+    assert report["stats"]["retrieval"] == 1 and report["command"] == "posttrain data selfrag"
+
+
+def tiny_cross_encoder(path):
+    """A sentence-transformers cross-encoder built in code: a 1-layer BERT with one output."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    torch.manual_seed(0)
+    words = sorted({w.strip(".,?").lower() for d in DOCS for w in (d["title"] + " " + d["text"]).split()} | {"where"})
+    path.mkdir(parents=True)
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    BertForSequenceClassification(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=1)).save_pretrained(path)
+    return str(path)
+
+
+def test_rerankers(tmp_path, index):
+    from sentence_transformers import CrossEncoder
+
+    from posttrain.rag.rerank import CrossEncoderReranker, EngineReranker
+
+    passages = [index.passage(i) for i in range(3)]
+    model = tiny_cross_encoder(tmp_path / "ce")
+    got = CrossEncoderReranker(model)("where was ana lor born", passages)
+    want = CrossEncoder(model, device="cpu").predict([("where was ana lor born", f"{p['title']}\n{p['text']}")
+                                                      for p in passages])
+    assert got == pytest.approx([float(x) for x in want], abs=1e-6)
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [{"Yes": 7, "No": 8}[text], 99]}
+
+    class Probs:
+        tokenizer = Tok()
+
+        def next_token_logprobs(self, prompts, ids):
+            assert ids == [7, 8]
+            return [[math.log(0.3), math.log(0.1)] if "kites" in p[0]["content"] else [math.log(0.1), math.log(0.3)]
+                    for p in prompts]
+
+    assert EngineReranker(Probs())("q", passages) == pytest.approx([0.25, 0.25, 0.75])
+
+    class Replies:
+        def generate(self, prompts, sampling):
+            return [Completion("Yes" if "Tivia" in p[0]["content"] else "no", [1], "stop") for p in prompts]
+
+    assert EngineReranker(Replies())("q", passages) == [0.0, 1.0, 0.0]
+    system = OpenScholar(Scripted({}), index, OverlapChecker(), k=1, n_retrieve=3, rerank=EngineReranker(Replies()))
+    assert [p["doc_id"] for p in system._retrieve("Ana Lor Ropa")] == ["ropa"]

@@ -78,7 +78,8 @@ def cmd_rag(args) -> None:
 
     if bool(args.question) == bool(args.input):
         raise UserError("give --question TEXT or --input FILE (JSONL with 'question' or 'instruction')")
-    questions = [args.question] if args.question else _questions(args.input)
+    records = [{"question": args.question}] if args.question else _questions(args.input)
+    questions = [r["question"] for r in records]
     retriever = Retriever(args.index)
     if args.mode == "selfrag":
         from posttrain.inference.open import local_engine
@@ -96,11 +97,22 @@ def cmd_rag(args) -> None:
         engine = open_engine(args.model, batch_size=args.batch_size)
         checker = OverlapChecker() if args.checker == "overlap" else EngineChecker(engine)
         system = OpenScholar(engine, retriever, checker, k=args.k, n_retrieve=args.n_retrieve,
-                             k_feedback=args.k_feedback, rounds=args.rounds, max_new_tokens=args.max_new_tokens)
+                             k_feedback=args.k_feedback, rounds=args.rounds, rerank=_reranker(args.rerank, engine),
+                             max_new_tokens=args.max_new_tokens)
     results = system.answer(questions)
     lines = [json.dumps({"question": q, **r, "passages": [{k: p[k] for k in ("id", "title", "source", "text")}
                                                              for p in r["passages"]]}, ensure_ascii=False)
              for q, r in zip(questions, results)]
+    if all("answer" in r for r in records):  # rag_facts questions: score them
+        from posttrain.rag import facts as F
+
+        scored = []
+        for rec, r in zip(records, results):
+            cited = [r["passages"][n - 1] for n in r["cited"]] if "cited" in r else r["passages"]
+            precision, recall = F.citation_scores([p["text"] for p in cited], rec.get("support", []))
+            scored.append({"kind": rec.get("kind", "single"), "correct": F.correct(r["text"], rec["answer"]),
+                           "retrieved": bool(r["passages"]), "precision": precision, "recall": recall})
+        print(json.dumps(F.metrics(scored)))
     if args.output:
         from posttrain.atomic import write_text
 
@@ -113,7 +125,21 @@ def cmd_rag(args) -> None:
                 print(f"  [{n}] {p['title']} ({p['source']})")
 
 
-def _questions(path: str) -> list[str]:
+def _reranker(spec: str | None, engine):
+    from posttrain.rag.rerank import CrossEncoderReranker, EngineReranker
+
+    if spec is None:
+        return None
+    if spec == "engine":
+        return EngineReranker(engine)
+    if spec.startswith("cross-encoder:"):
+        return CrossEncoderReranker(spec.split(":", 1)[1])
+    raise UserError(f"--rerank must be 'engine' or 'cross-encoder:MODEL', got {spec!r}")
+
+
+def _questions(path: str) -> list[dict]:
+    """``{"question"}`` per record (from ``question`` or ``instruction``), with ``answer``, ``kind`` and
+    ``support`` where the record has them (rag_facts questions are scored)."""
     from posttrain.data.io import read_records
 
     out = []
@@ -121,7 +147,7 @@ def _questions(path: str) -> list[str]:
         q = raw.get("question", raw.get("instruction"))
         if not isinstance(q, str) or not q.strip():
             raise UserError(f"{where}: field 'question' (or 'instruction') must be a non-empty string")
-        out.append(q)
+        out.append({"question": q, **{k: raw[k] for k in ("answer", "kind", "support") if k in raw}})
     return out
 
 
@@ -162,7 +188,8 @@ def add_parser(sub) -> None:
                         "(a local model, vllm:MODEL or openai:MODEL@URL)")
     r.add_argument("--index", required=True, help="a datastore of `posttrain data index`")
     r.add_argument("--question", help="one question")
-    r.add_argument("--input", help="JSONL of questions ('question' or 'instruction')")
+    r.add_argument("--input", help="JSONL of questions ('question' or 'instruction'); with 'answer' (and 'kind', "
+                                   "'support' as rag_facts writes them) the answers are scored")
     r.add_argument("--output", help="JSONL of answers (default: print them)")
     r.add_argument("--k", type=int, default=3, help="passages read per retrieval (selfrag: in parallel)")
     r.add_argument("--retrieval", choices=["adaptive", "always", "never"], default="adaptive", help="selfrag")
@@ -176,6 +203,8 @@ def add_parser(sub) -> None:
     r.add_argument("--n-retrieve", type=int, default=20, help="openscholar: passages retrieved before the top k")
     r.add_argument("--rounds", type=int, default=2, help="openscholar: self-feedback rounds at most")
     r.add_argument("--k-feedback", type=int, default=2, help="openscholar: passages added per feedback search")
+    r.add_argument("--rerank", help="openscholar: rerank the --n-retrieve passages with 'engine' (the model asked "
+                                    "yes/no) or 'cross-encoder:MODEL' (a sentence-transformers cross-encoder)")
     r.add_argument("--checker", choices=["engine", "overlap"], default="engine",
                    help="openscholar: citations checked by the engine (yes/no) or by word overlap")
     r.add_argument("--max-new-tokens", type=int, default=256, help="openscholar: per answer, feedback or revision")

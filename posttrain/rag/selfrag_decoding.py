@@ -8,7 +8,8 @@ partial answers ``y`` of an instruction ``x``, at each step:
    token or end of turn (not before the first segment).
 2. **Retrieve or not.** ``mode="adaptive"`` retrieves when
    ``p([Retrieval]) / (p([Retrieval]) + p([No Retrieval])) > threshold``; ``always`` and ``never``
-   force it. The query is ``x`` for the first segment and ``x`` + the answer so far after it.
+   force it. The query is ``x`` for the first segment and ``x`` + the answer so far after it; when
+   it finds no passage, the segment is written without one.
 3. **Segments.** Without retrieval, one greedy segment after ``[No Retrieval]`` (or
    ``[Continue to Use Evidence]`` once evidence was read). With retrieval, ``k`` segments in parallel,
    the ``i``-th a greedy continuation of ``y [Retrieval]<paragraph>d_i</paragraph>``. A segment ends at
@@ -129,12 +130,13 @@ class SelfRAG:
                 out.append(Beam(b.instruction, b.prefix + use, b.answer, b.scores, b.passages, b.evidence, True))
                 continue
             p_ret = normalized(lps[j][:2])[0]
+            hits = []
             if self.mode == "always" or (self.mode == "adaptive" and p_ret > self.threshold):
                 x = instructions[b.instruction]
-                query = f"{x} {sr.strip_tokens(b.answer)}" if b.answer else x
-                for hit in self.retriever.search(query, k=self.k):
-                    jobs.append((b, hit, f"{b.prefix}{sr.RETRIEVAL}{sr.OPEN}{sr.passage_text(hit)}{sr.CLOSE}"))
-            else:
+                hits = self.retriever.search(f"{x} {sr.strip_tokens(b.answer)}" if b.answer else x, k=self.k)
+            for hit in hits:  # none found: the segment is written without a passage
+                jobs.append((b, hit, f"{b.prefix}{sr.RETRIEVAL}{sr.OPEN}{sr.passage_text(hit)}{sr.CLOSE}"))
+            if not hits:
                 jobs.append((b, None, b.prefix + (sr.CONTINUE if b.evidence else sr.NO_RETRIEVAL)))
         return out + self._segments(jobs)
 

@@ -40,6 +40,14 @@ def test_rule_critic_records_by_hand(index):
     assert stats == {"records": 2, "segments": 3, "no_retrieval": 1, "relevant": 2, "retrieval": 2,
                      "support_full": 2, "utility_5": 2}
     assert sr.strip_tokens(out[0]["messages"][1]["content"]) == "Ana Lor was born in Ropa. Ropa is a city in Tivia."
+    # negatives: the record is written again with the best-ranked irrelevant passage in its first segment
+    with_neg, stats = sr.build_records(records, index, sr.RuleCritic(), k=3, negatives=1.0)
+    assert [r["messages"][1]["content"] for r in with_neg[:1] + with_neg[2:]] == [r["messages"][1]["content"] for r in out]
+    bo = "Bo Fen\nBo Fen makes kites. Bo Fen was born in Kell."
+    assert with_neg[1]["messages"][1]["content"] == (
+        f"[Retrieval]<paragraph>{bo}</paragraph>[Irrelevant]Ana Lor was born in Ropa."
+        f"[Retrieval]<paragraph>{ropa}</paragraph>[Relevant]Ropa is a city in Tivia.[Fully supported][Utility:5]")
+    assert stats["negative_records"] == 1 and stats["records"] == 3
 
 
 class ScriptedEngine:

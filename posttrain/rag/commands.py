@@ -62,7 +62,7 @@ def cmd_selfrag(args) -> None:
         engine = open_engine(args.critic, cache / "critic", batch_size=args.batch_size)
         engine.progress = "data selfrag (critic)"
         critic = EngineCritic(engine)
-    out, stats = build_records(records, retriever, critic, args.k)
+    out, stats = build_records(records, retriever, critic, args.k, args.negatives)
     if getattr(critic, "unparsed", None):
         stats["unparsed"] = dict(critic.unparsed)
     target = Path(args.output)
@@ -173,6 +173,9 @@ def add_data_parsers(dsub) -> None:
                     help="'rules' (from each record's 'support' and 'answer') or an engine: a local model, "
                          "vllm:MODEL or openai:MODEL@URL")
     sr.add_argument("--k", type=int, default=3, help="passages retrieved per segment")
+    sr.add_argument("--negatives", type=float, default=0.0,
+                    help="share of the records written a second time with an irrelevant retrieved passage, "
+                         "labelled [Irrelevant], in their first retrieving segment (0 to 1)")
     sr.add_argument("--output", required=True)
     sr.add_argument("--cache", help="cache of the critic's answers (default: OUTPUT/.cache)")
     sr.add_argument("--batch-size", type=int, default=16, help="batch size of a local critic")

@@ -132,9 +132,13 @@ class EngineCritic:
         return self._label("utility", self._ask("utility", items), {str(i): i for i in range(1, 6)}, 1)
 
 
-def build_records(records: list[dict], retriever, critic, k: int = 3) -> tuple[list[dict], dict]:
+def build_records(records: list[dict], retriever, critic, k: int = 3, negatives: float = 0.0) -> tuple[list[dict], dict]:
     """Self-RAG training records (see the module docstring) for ``records`` of ``{"instruction",
-    "output"}`` (plus what a rule critic reads: ``support``, ``answer``), and counts of the labels."""
+    "output"}`` (plus what a rule critic reads: ``support``, ``answer``), and counts of the labels.
+    With ``negatives`` (a share, 0 to 1), that share of the records whose retrieving segment also
+    retrieved an irrelevant passage (every ``1/negatives``-th of them, in order) is written a second
+    time with that passage (the best-ranked irrelevant one) in its first such segment, labelled
+    ``[Irrelevant]``: the model also learns to judge relevance, not only to read."""
     segments = [{"record": r, "at": (i, j), "segment": seg, "preceding": " ".join(sentences(r["output"])[:j])}
                 for i, r in enumerate(records) for j, seg in enumerate(sentences(r["output"]))]
     needs = dict(zip([s["at"] for s in segments], critic.retrieve(segments) if segments else []))
@@ -147,30 +151,51 @@ def build_records(records: list[dict], retriever, critic, k: int = 3) -> tuple[l
     relevant = critic.relevant(pairs) if pairs else []
     support = iter(critic.support([p for p, rel in zip(pairs, relevant) if rel]) if any(relevant) else [])
     chosen: dict[tuple, tuple] = {}  # segment -> (rank key, passage, relevant, support)
+    irrelevant: dict[tuple, str] = {}  # segment -> its best-ranked irrelevant passage
     for p, rel in zip(pairs, relevant):
         sup = next(support) if rel else "none"
         key = (rel, SUPPORT_RANK[sup], -p["rank"])
         if p["at"] not in chosen or key > chosen[p["at"]][0]:
             chosen[p["at"]] = (key, p["passage"], rel, sup)
+        if not rel:
+            irrelevant.setdefault(p["at"], p["passage"])
     utility = critic.utility([{"record": r, "output": r["output"]} for r in records]) if records else []
-    texts, evidence, counts = [""] * len(records), [False] * len(records), Counter()
+    by_record: dict[int, list[dict]] = {}
     for s in segments:
-        i = s["at"][0]
-        if s["at"] in chosen:
-            _, passage, rel, sup = chosen[s["at"]]
-            texts[i] += f"{RETRIEVAL}{OPEN}{passage}{CLOSE}"
-            texts[i] += f"{RELEVANT}{s['segment']}{SUPPORT[sup]}" if rel else f"{IRRELEVANT}{s['segment']}"
-            evidence[i] = evidence[i] or rel
-            counts.update(["retrieval", "relevant" if rel else "irrelevant"] + ([f"support_{sup}"] if rel else []))
-        else:
-            texts[i] += f"{CONTINUE if evidence[i] else NO_RETRIEVAL}{s['segment']}"
-            counts["continue" if evidence[i] else "no_retrieval"] += 1
-    out = []
-    for r, text, use in zip(records, texts, utility):
+        by_record.setdefault(s["at"][0], []).append(s)
+    counts: Counter = Counter()
+
+    def answer(i: int, swap: tuple | None = None) -> str:
+        text, evidence = "", False
+        for s in by_record.get(i, []):
+            if s["at"] == swap:
+                text += f"{RETRIEVAL}{OPEN}{irrelevant[swap]}{CLOSE}{IRRELEVANT}{s['segment']}"
+            elif s["at"] in chosen:
+                _, passage, rel, sup = chosen[s["at"]]
+                text += f"{RETRIEVAL}{OPEN}{passage}{CLOSE}"
+                text += f"{RELEVANT}{s['segment']}{SUPPORT[sup]}" if rel else f"{IRRELEVANT}{s['segment']}"
+                evidence = evidence or rel
+                if swap is None:
+                    counts.update(["retrieval", "relevant" if rel else "irrelevant"] + ([f"support_{sup}"] if rel else []))
+            else:
+                text += f"{CONTINUE if evidence else NO_RETRIEVAL}{s['segment']}"
+                counts.update(["continue" if evidence else "no_retrieval"] if swap is None else [])
+        return text
+
+    out, eligible = [], 0
+    for i, (r, use) in enumerate(zip(records, utility)):
         counts[f"utility_{use}"] += 1
-        out.append({"messages": [{"role": "user", "content": r["instruction"]},
-                                 {"role": "assistant", "content": text + UTILITY[use - 1]}],
-                    **{key: r[key] for key in ("source", "license", "id") if key in r}})
+        variants = [answer(i)]
+        swap = next((s["at"] for s in by_record.get(i, []) if s["at"] in chosen and s["at"] in irrelevant), None)
+        if swap is not None:
+            eligible += 1
+            if negatives and int(eligible * negatives) > int((eligible - 1) * negatives):
+                variants.append(answer(i, swap))
+                counts["negative_records"] += 1
+        for text in variants:
+            out.append({"messages": [{"role": "user", "content": r["instruction"]},
+                                     {"role": "assistant", "content": text + UTILITY[use - 1]}],
+                        **{key: r[key] for key in ("source", "license", "id") if key in r}})
     return out, {"records": len(out), "segments": len(segments), **dict(sorted(counts.items()))}
 
 

@@ -33,7 +33,7 @@ def test_short_demo_writes_its_summary(tmp_path, monkeypatch):
     for key in ("accuracy_with_retrieval", "accuracy_without_retrieval", "retrieval_rate_closed_book",
                 "citation_precision"):
         assert key in s
-    assert s["facts"] == 12 and s["heldout_questions"] == 3 + 20
+    assert s["facts"] == 12 and s["heldout_questions"] == 3 + demo.EVAL_PER_KIND  # 3 held-out people, 100 sums
     assert (tmp_path / "d" / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["demo", "selfrag", "sft.max_steps=3"]) == 2  # no overrides for this demo
 

@@ -206,3 +206,18 @@ def float64_llama(monkeypatch):
         return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
     monkeypatch.setattr(LlamaRMSNorm, "forward", forward)
+
+
+RAG_DOCS = [{"id": "ana", "title": "Ana Lor", "text": "Ana Lor was born in Ropa. Ana Lor plays the harp."},
+            {"id": "ropa", "title": "Ropa", "text": "Ropa is a city in Tivia. The river Sul flows through Ropa."},
+            {"id": "bo", "title": "Bo Fen", "text": "Bo Fen makes kites. Bo Fen was born in Kell."}]
+
+
+@pytest.fixture()
+def fact_index(tmp_path):
+    """A BM25 datastore over three short fact documents (RAG_DOCS)."""
+    from posttrain.rag.index import Retriever, build_index
+
+    write_jsonl(tmp_path / "docs.jsonl", RAG_DOCS)
+    build_index([str(tmp_path / "docs.jsonl")], str(tmp_path / "ix"), progress=False)
+    return Retriever(str(tmp_path / "ix"))

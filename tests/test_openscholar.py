@@ -5,21 +5,10 @@ import json
 import math
 
 import pytest
+from conftest import RAG_DOCS
 
 from posttrain.inference.engine import Completion
-from posttrain.rag.index import Retriever, build_index
 from posttrain.rag.openscholar import EngineChecker, OpenScholar, OverlapChecker, parse_feedback, verify_citations
-
-DOCS = [{"id": "ana", "title": "Ana Lor", "text": "Ana Lor was born in Ropa. Ana Lor plays the harp."},
-        {"id": "ropa", "title": "Ropa", "text": "Ropa is a city in Tivia. The river Sul flows through Ropa."},
-        {"id": "bo", "title": "Bo Fen", "text": "Bo Fen makes kites. Bo Fen was born in Kell."}]
-
-
-@pytest.fixture()
-def index(tmp_path):
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    build_index([str(tmp_path / "docs.jsonl")], str(tmp_path / "ix"), progress=False)
-    return Retriever(str(tmp_path / "ix"))
 
 
 class Scripted:
@@ -39,12 +28,12 @@ class Scripted:
         return out
 
 
-def test_feedback_retrieves_revises_and_citations_are_checked(index):
+def test_feedback_retrieves_revises_and_citations_are_checked(fact_index):
     engine = Scripted({
         "Answer the question": ["Ana Lor was born in Ropa [1]. Ropa is a city in Kell [1]."],
         "List up to three": ["Feedback: the country of Ropa is wrong.\nSearch: Ropa Tivia river Sul", "No feedback."],
         "Revise": ["Ana Lor was born in Ropa [1]. Ropa is a city in Tivia [1]."]})
-    system = OpenScholar(engine, index, OverlapChecker(), k=1, n_retrieve=3, k_feedback=2, rounds=3)
+    system = OpenScholar(engine, fact_index, OverlapChecker(), k=1, n_retrieve=3, k_feedback=2, rounds=3)
     [r] = system.answer(["Where was Ana Lor born, and in which country is that?"])
     assert [p["doc_id"] for p in r["passages"]] == ["ana", "ropa"]  # the search added Ropa's passage
     assert r["searches"] == ["Ropa Tivia river Sul"]
@@ -59,8 +48,8 @@ def test_feedback_retrieves_revises_and_citations_are_checked(index):
     assert sum("List up to three" in p for p in engine.prompts) == 2  # the second round said no feedback
 
 
-def test_citation_repair_by_hand(index):
-    passages = [index.passage(i) for i in range(3)]  # [1] Ana, [2] Ropa, [3] Bo
+def test_citation_repair_by_hand(fact_index):
+    passages = [fact_index.passage(i) for i in range(3)]  # [1] Ana, [2] Ropa, [3] Bo
     text = "Ana Lor was born in Ropa. [2] Bo Fen makes kites [7]. Bo Fen plays the oboe [3]. Ropa is in Tivia."
     out, fixed, removed = verify_citations(text, passages, OverlapChecker())
     assert out == "Ana Lor was born in Ropa [1]. Bo Fen makes kites [3]. Bo Fen plays the oboe. Ropa is in Tivia."
@@ -78,13 +67,13 @@ def test_engine_checker_and_feedback_parsing():
     assert parse_feedback("No feedback.") == ([], [])
 
 
-def test_rag_and_selfrag_data_commands(tmp_path, index, tiny_model_dir, capsys):
+def test_rag_and_selfrag_data_commands(tmp_path, fact_index, tiny_model_dir, capsys):
     from posttrain.cli import main
 
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "Where was Ana Lor born?", "answer": "Ropa", "kind": "single",
                                      "support": ["Ana Lor was born in Ropa."]}) + "\n")
-    ix = str(index.dir)
+    ix = str(fact_index.dir)
     assert main(["rag", "--mode", "openscholar", "--model", str(tiny_model_dir), "--index", ix, "--input",
                  str(questions), "--output", str(tmp_path / "a.jsonl"), "--checker", "overlap", "--rounds", "1",
                  "--max-new-tokens", "6", "--k", "2"]) == 0
@@ -116,7 +105,7 @@ def tiny_cross_encoder(path):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     torch.manual_seed(0)
-    words = sorted({w.strip(".,?").lower() for d in DOCS for w in (d["title"] + " " + d["text"]).split()} | {"where"})
+    words = sorted({w.strip(".,?").lower() for d in RAG_DOCS for w in (d["title"] + " " + d["text"]).split()} | {"where"})
     path.mkdir(parents=True)
     (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
@@ -125,12 +114,12 @@ def tiny_cross_encoder(path):
     return str(path)
 
 
-def test_rerankers(tmp_path, index):
+def test_rerankers(tmp_path, fact_index):
     from sentence_transformers import CrossEncoder
 
     from posttrain.rag.rerank import CrossEncoderReranker, EngineReranker
 
-    passages = [index.passage(i) for i in range(3)]
+    passages = [fact_index.passage(i) for i in range(3)]
     model = tiny_cross_encoder(tmp_path / "ce")
     got = CrossEncoderReranker(model)("where was ana lor born", passages)
     want = CrossEncoder(model, device="cpu").predict([("where was ana lor born", f"{p['title']}\n{p['text']}")
@@ -156,5 +145,5 @@ def test_rerankers(tmp_path, index):
             return [Completion("Yes" if "Tivia" in p[0]["content"] else "no", [1], "stop") for p in prompts]
 
     assert EngineReranker(Replies())("q", passages) == [0.0, 1.0, 0.0]
-    system = OpenScholar(Scripted({}), index, OverlapChecker(), k=1, n_retrieve=3, rerank=EngineReranker(Replies()))
+    system = OpenScholar(Scripted({}), fact_index, OverlapChecker(), k=1, n_retrieve=3, rerank=EngineReranker(Replies()))
     assert [p["doc_id"] for p in system._retrieve("Ana Lor Ropa")] == ["ropa"]

@@ -9,27 +9,15 @@ import pytest
 
 from posttrain.inference.engine import Completion
 from posttrain.rag import selfrag as sr
-from posttrain.rag.index import Retriever, build_index
 from posttrain.rag.selfrag_decoding import SelfRAG, normalized, support_score, utility_score
 
-DOCS = [{"id": "ana", "title": "Ana Lor", "text": "Ana Lor was born in Ropa. Ana Lor plays the harp."},
-        {"id": "ropa", "title": "Ropa", "text": "Ropa is a city in Tivia. The river Sul flows through Ropa."},
-        {"id": "bo", "title": "Bo Fen", "text": "Bo Fen makes kites. Bo Fen was born in Kell."}]
 
-
-@pytest.fixture()
-def index(tmp_path):
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    build_index([str(tmp_path / "docs.jsonl")], str(tmp_path / "ix"), progress=False)
-    return Retriever(str(tmp_path / "ix"))
-
-
-def test_rule_critic_records_by_hand(index):
+def test_rule_critic_records_by_hand(fact_index):
     records = [{"instruction": "In which country was Ana Lor born?", "answer": "Tivia",
                 "output": "Ana Lor was born in Ropa. Ropa is a city in Tivia.",
                 "support": ["Ana Lor was born in Ropa.", "Ropa is a city in Tivia."]},
                {"instruction": "What is 2 + 3?", "output": "2 + 3 = 5.", "answer": "5", "support": []}]
-    out, stats = sr.build_records(records, index, sr.RuleCritic(), k=3)  # all three: BM25 on 3 documents is crude
+    out, stats = sr.build_records(records, fact_index, sr.RuleCritic(), k=3)  # all three: BM25 on 3 documents is crude
     ana, ropa = "Ana Lor\nAna Lor was born in Ropa. Ana Lor plays the harp.", \
         "Ropa\nRopa is a city in Tivia. The river Sul flows through Ropa."
     assert out[0]["messages"][1]["content"] == (
@@ -41,7 +29,7 @@ def test_rule_critic_records_by_hand(index):
                      "support_full": 2, "utility_5": 2}
     assert sr.strip_tokens(out[0]["messages"][1]["content"]) == "Ana Lor was born in Ropa. Ropa is a city in Tivia."
     # negatives: the record is written again with the best-ranked irrelevant passage in its first segment
-    with_neg, stats = sr.build_records(records, index, sr.RuleCritic(), k=3, negatives=1.0)
+    with_neg, stats = sr.build_records(records, fact_index, sr.RuleCritic(), k=3, negatives=1.0)
     assert [r["messages"][1]["content"] for r in with_neg[:1] + with_neg[2:]] == [r["messages"][1]["content"] for r in out]
     bo = "Bo Fen\nBo Fen makes kites. Bo Fen was born in Kell."
     assert with_neg[1]["messages"][1]["content"] == (
@@ -72,12 +60,12 @@ class ScriptedEngine:
         return [self.table(p, ids) for p in prefixes]
 
 
-def test_engine_critic_asks_in_batches_and_parses(index):
+def test_engine_critic_asks_in_batches_and_parses(fact_index):
     engine = ScriptedEngine({"Would evidence help": "Yes, it would.", "Answer Relevant or": "Irrelevant.",
                              "Is every claim": "Partially supported", "Answer with one number": "I'd say 4 of 5"})
     critic = sr.EngineCritic(engine)
     records = [{"instruction": "Where was Ana Lor born?", "output": "Ana Lor was born in Ropa."}]
-    out, stats = sr.build_records(records, index, critic, k=2)
+    out, stats = sr.build_records(records, fact_index, critic, k=2)
     passage = "Ana Lor\nAna Lor was born in Ropa. Ana Lor plays the harp."
     assert out[0]["messages"][1]["content"] == f"[Retrieval]<paragraph>{passage}</paragraph>[Irrelevant]" \
                                                "Ana Lor was born in Ropa.[Utility:4]"
@@ -140,7 +128,7 @@ class TinyTokenizer:
         return f"<user>{messages[0]['content']}<assistant>"
 
 
-def test_segment_score_by_hand(index):
+def test_segment_score_by_hand(fact_index):
     tok = TinyTokenizer()
     ids = tok.get_vocab()
     full, partial, none = (ids[t] for t in sr.SUPPORT.values())
@@ -175,7 +163,7 @@ def test_segment_score_by_hand(index):
                                                                   else [math.log(0.01)] * 5)
 
     engine = ScriptedEngine(tokenizer=tok, table=table, completions=completion)
-    rag = SelfRAG(engine, index, k=2, mode="always", beam=1, max_segments=2, w_rel=1.0, w_sup=1.0, w_use=0.5)
+    rag = SelfRAG(engine, fact_index, k=2, mode="always", beam=1, max_segments=2, w_rel=1.0, w_sup=1.0, w_use=0.5)
     [result] = rag.answer(["Where was Ana Lor born?"])
     right = (math.exp(sum([-0.1, -0.2, -0.1, -0.1, -0.2, -0.3, -0.05]) / 7) + 0.9 + (0.7 + 0.5 * 0.2)
              + 0.5 * (-0.05 - 0.025 + 0 + 0.1 + 0.6))

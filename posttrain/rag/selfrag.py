@@ -27,6 +27,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from posttrain.rag.facts import correct, normalize
+
 RETRIEVAL, NO_RETRIEVAL, CONTINUE = "[Retrieval]", "[No Retrieval]", "[Continue to Use Evidence]"
 RELEVANT, IRRELEVANT = "[Relevant]", "[Irrelevant]"
 SUPPORT = {"full": "[Fully supported]", "partial": "[Partially supported]", "none": "[No support / Contradictory]"}
@@ -67,13 +69,13 @@ class RuleCritic:
             if _holds(item["passage"], item["segment"]):
                 out.append("full")
             else:
-                words = set(_norm(item["segment"]).split())
-                out.append("partial" if len(words & set(_norm(item["passage"]).split())) * 2 >= len(words) else "none")
+                words = set(normalize(item["segment"]).split())
+                out.append("partial" if len(words & set(normalize(item["passage"]).split())) * 2 >= len(words) else "none")
         return out
 
     def utility(self, items: list[dict]) -> list[int]:
         answer = [item["record"].get("answer") for item in items]
-        return [5 if a is None or f" {_norm(a)} " in f" {_norm(item['output'])} " else 1 for a, item in zip(answer, items)]
+        return [5 if a is None or correct(item["output"], a) else 1 for a, item in zip(answer, items)]
 
 
 CRITIC_PROMPTS = {
@@ -204,9 +206,5 @@ def passage_text(hit: dict) -> str:
     return f"{hit['title']}\n{hit['text']}" if hit.get("title") else hit["text"]
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
-
-
 def _holds(passage: str, sentence: str) -> bool:
-    return f" {_norm(sentence)} " in f" {_norm(passage)} "
+    return f" {normalize(sentence)} " in f" {normalize(passage)} "

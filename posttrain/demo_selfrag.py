@@ -70,10 +70,8 @@ def evaluate(model_dir: Path, retriever, heldout: list[dict], mode: str) -> tupl
     answers = rag.answer([q["question"] for q in heldout])
     results = []
     for q, a in zip(heldout, answers):
-        precision, recall = F.citation_scores([p["text"] for p in a["passages"]], q["support"])
-        results.append({"id": q["id"], "kind": q["kind"], "question": q["question"], "answer": q["answer"],
-                        "output": a["text"], "correct": F.correct(a["text"], q["answer"]), "retrieved": a["retrieved"],
-                        "passages": [p["title"] for p in a["passages"]], "precision": precision, "recall": recall})
+        results.append({"id": q["id"], "question": q["question"], "answer": q["answer"], "output": a["text"],
+                        **F.score(a, q), "passages": [p["title"] for p in a["passages"]]})
     return F.metrics(results), results
 
 

@@ -82,6 +82,14 @@ def test_the_keys_table_check_can_fail(tmp_path):
                                                         if f.name == "learning_rate"))
 
 
+def test_the_eval_tasks_table_lists_every_task():
+    from posttrain.eval.tasks import TASKS
+
+    text = (ROOT / "docs" / "eval.md").read_text()
+    table = text[text.index("## Tasks"):text.index("`mc` runs on any file")]
+    assert sorted(re.findall(r"^\| `(\w+)` \|", table, re.M)) == sorted(TASKS)
+
+
 def test_one_stage_registry_feeds_the_cli_and_recipes(tmp_path):
     assert set(STAGE_HELP) == set(STAGES) and set(TRAINING) == set(STAGES)
     commands = parser()._subparsers._group_actions[0].choices

@@ -83,3 +83,83 @@ def test_bad_facts_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(UserError, match="no facts"):
         F.read_facts(str(tmp_path / "empty.jsonl"))
+
+
+class Reader:
+    """An OpenScholar engine that answers by copying passage [1] with its citation; no feedback."""
+
+    def generate(self, prompts, sampling):
+        from posttrain.inference.engine import Completion
+
+        out = []
+        for p in prompts:
+            text = p[0]["content"]
+            if text.startswith("Answer the question") and "[1] " in text:
+                first = text.split("[1] ", 1)[1].split("\n", 2)[1]  # the passage's text, after its title line
+                out.append(Completion(f"{first} [1]", [1], "stop"))
+            elif text.startswith("Answer the question"):
+                out.append(Completion("I do not know.", [1], "stop"))
+            else:
+                out.append(Completion("No feedback.", [1], "stop"))
+        return out
+
+
+def test_eval_task_instances_mix_kinds_and_read_user_facts(tmp_path):
+    from posttrain.eval.tasks import TASKS
+    from posttrain.eval.tasks.base import load
+
+    task = TASKS["rag_facts"]
+    first = load(task, None, 30)
+    assert [i["index"] for i in first] == list(range(30)) and len({i["kind"] for i in first}) == 3
+    assert first == load(task, None, 30)  # seeded
+    path = tmp_path / "facts.jsonl"
+    path.write_text('{"subject": "Ana", "relation": "home", "object": "Ropa", "text": "Ana lives in Ropa."}\n'
+                    '{"subject": "Ropa", "relation": "nation", "object": "Kell", "text": "Ropa lies in Kell."}\n')
+    mine = load(task, str(path), None)
+    assert sorted(i["prompt"] for i in mine if i["kind"] != "closed_book") == [
+        "What is the home of Ana?", "What is the nation of Ropa?", "What is the nation of the home of Ana?"]
+
+
+def test_eval_task_scores_a_reader_against_what_bm25_found(tmp_path):
+    """The task indexes the base, asks every question and scores: a reader that copies the first
+    passage is right exactly where that passage states the answer, and its citation is precise
+    exactly where the passage holds the supporting sentence. (Arithmetic finds no passage.)"""
+    from posttrain.eval.tasks import rag_facts
+    from posttrain.eval.tasks.base import load
+    from posttrain.rag.index import Retriever
+
+    instances = load(rag_facts.TASK, None, 40)
+    samples = rag_facts.samples(Reader(), instances, None, tmp_path / "rag", 64)
+    retriever = Retriever(str(tmp_path / "rag" / "index"))
+    for inst, s in zip(instances, samples):
+        hits = retriever.search(inst["prompt"], 20)
+        top = hits[0]["text"] if hits else ""
+        assert s["system"] == "openscholar" and s["retrieved"] == bool(hits)
+        assert s["score"] == float(F.correct(top, inst["ground_truth"]))
+        if inst["support"]:
+            assert s["precision"] == float(any(F.holds(top, x) for x in inst["support"]))
+    m = rag_facts.metrics(samples)
+    assert m["accuracy_single"] >= 0.9 and m["accuracy_closed_book"] == 0.0
+    assert set(m) >= {"accuracy", "accuracy_two_hop", "retrieval_rate_single", "citation_precision", "citation_recall"}
+
+
+def test_eval_task_picks_self_rag_for_a_model_with_reflection_tokens():
+    from test_selfrag import ScriptedEngine, TinyTokenizer
+
+    from posttrain.eval.tasks import rag_facts
+
+    assert rag_facts.system_of(ScriptedEngine(tokenizer=TinyTokenizer()), None, 64)[0] == "selfrag"
+    assert rag_facts.system_of(Reader(), None, 64)[0] == "openscholar"
+
+
+def test_posttrain_eval_runs_rag_facts(tmp_path, tiny_model_dir):
+    from posttrain.eval.runner import evaluate
+
+    results = evaluate(str(tiny_model_dir), ["rag_facts"], tmp_path / "out", limit=4, max_new_tokens=8)
+    assert results["rag_facts"]["instances"] == 4 and 0.0 <= results["rag_facts"]["accuracy"] <= 1.0
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [s["system"] for s in samples] == ["openscholar"] * 4 and all(s["passages"] for s in samples if s["kind"] != "closed_book")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"subject": "A"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:1: field 'relation'"):
+        evaluate(str(tmp_path / "no-model"), ["rag_facts"], tmp_path / "out2", data={"rag_facts": str(bad)})

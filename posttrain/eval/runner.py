@@ -162,6 +162,11 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
         engine.progress = f"eval {t.name}"
         if t.kind == "loglikelihood":
             got = loglikelihood_samples(t, model, tokenizer, instances[t.name], batch_size)
+        elif t.kind == "rag":
+            from posttrain.eval.tasks import rag_facts
+
+            got = rag_facts.samples(engine, instances[t.name], data.get(t.name), out / t.name,
+                                    max_new_tokens or t.max_new_tokens)
         elif t.kind == "judge":
             got = judged_samples(t, engine, judge_engine, instances[t.name], seed, max_new_tokens)
         else:

@@ -106,12 +106,7 @@ def cmd_rag(args) -> None:
     if all("answer" in r for r in records):  # rag_facts questions: score them
         from posttrain.rag import facts as F
 
-        scored = []
-        for rec, r in zip(records, results):
-            cited = [r["passages"][n - 1] for n in r["cited"]] if "cited" in r else r["passages"]
-            precision, recall = F.citation_scores([p["text"] for p in cited], rec.get("support", []))
-            scored.append({"kind": rec.get("kind", "single"), "correct": F.correct(r["text"], rec["answer"]),
-                           "retrieved": bool(r["passages"]), "precision": precision, "recall": recall})
+        scored = [F.score(r, rec) for rec, r in zip(records, results)]
         print(json.dumps(F.metrics(scored)))
     if args.output:
         from posttrain.atomic import write_text

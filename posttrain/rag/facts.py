@@ -172,6 +172,16 @@ def citation_scores(cited: list[str], support: list[str]) -> tuple[float | None,
     return precision, recall
 
 
+def score(result: dict, question: dict) -> dict:
+    """One answer of ``SelfRAG`` or ``OpenScholar`` (``{"text", "passages"}`` + ``"cited"`` numbers
+    or ``"retrieved"``) scored against its question: ``{"kind", "correct", "retrieved", "precision",
+    "recall"}``. OpenScholar's cited passages are those its text cites; Self-RAG's, those it read."""
+    cited = [result["passages"][n - 1] for n in result["cited"]] if "cited" in result else result["passages"]
+    precision, recall = citation_scores([p["text"] for p in cited], question.get("support", []))
+    return {"kind": question.get("kind", "single"), "correct": correct(result["text"], question["answer"]),
+            "retrieved": bool(result.get("retrieved", result["passages"])), "precision": precision, "recall": recall}
+
+
 def metrics(results: list[dict]) -> dict:
     """Aggregate per-question results ``{"kind", "correct", "retrieved", "precision", "recall"}``:
     accuracy overall and per kind, retrieval rate per kind, mean citation precision and recall."""

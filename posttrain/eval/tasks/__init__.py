@@ -8,11 +8,12 @@ reuses the verifiers. ``TASKS[name]`` is the task; ``SUITES`` names the task lis
 from __future__ import annotations
 
 from posttrain.errors import UserError
-from posttrain.eval.tasks import gsm8k, humaneval, ifeval, judge_winrate, math500, mc, verifiable
+from posttrain.eval.tasks import gsm8k, humaneval, ifeval, judge_winrate, math500, mc, rag_facts, verifiable
 from posttrain.eval.tasks.base import Task
 
 TASKS: dict[str, Task] = {t.name: t for t in (gsm8k.ZERO_SHOT, gsm8k.FEW_SHOT, math500.TASK, ifeval.TASK, humaneval.TASK,
-                                              mc.TASK, judge_winrate.TASK, verifiable.TASK)}
+                                              mc.TASK, judge_winrate.TASK, verifiable.TASK,
+                                              rag_facts.TASK)}
 SUITES: dict[str, list[str]] = {
     "dev": ["gsm8k", "math500", "ifeval", "humaneval"],
     "unseen": ["gsm8k_fewshot", "mc", "judge_winrate"],

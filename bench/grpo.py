@@ -3,6 +3,7 @@
     python bench/grpo.py                         # tiny model and SmolLM2-135M-Instruct
     python bench/grpo.py --models smollm2 --steps 4 --rounds 1
     python bench/grpo.py --models smollm2 --batch-size 8,64 --engines transformers,vllm --no-trl
+    python bench/grpo.py --models smollm2 --async-steps 0,1 --no-trl
 
 Same model, prompts (GSM8K train questions as chat), G = --generations completions per prompt,
 --batch-size completions per step (one optimizer step per rollout batch, no accumulation),
@@ -11,7 +12,9 @@ beta 0, fp32, CPU; TRL with ``use_vllm=False``, ``use_cpu=True``, ``bf16=False``
 checkpointing off like ours. ``--engines transformers,vllm`` adds posttrain with vLLM rollouts
 (``engine: vllm``, colocated: weights pushed every step, old log-probs recomputed); ``vllm-server``
 draws them from a ``posttrain serve --engine vllm`` process started for the run (``vllm_servers``,
-weights pushed over HTTP; its start is not timed). Rollouts/s =
+weights pushed over HTTP; its start is not timed). ``--async-steps 0,1`` runs each engine with rollouts
+generated that many steps ahead by a second engine (posttrain.train.rl.async_rollouts) and reports the
+share of generation hidden behind training (1 - wait / generate). Rollouts/s =
 completions per second over the steps after the first (warm-up, and the vLLM engine's start). The
 runs alternate, posttrain first, in this one process.
 """
@@ -43,7 +46,8 @@ def prompts_file(path: Path, n: int) -> Path:
     return path
 
 
-def run_posttrain(model: str, data: Path, out: Path, args, batch: int, engine: str) -> tuple[float, dict]:
+def run_posttrain(model: str, data: Path, out: Path, args, batch: int, engine: str,
+                  async_steps: int = 0) -> tuple[float, dict]:
     """Rollouts/s, and the median seconds of a step's parts (steps after the first)."""
     from posttrain.config import RLVRConfig, load_config
     from posttrain.train.rlvr import run_rlvr
@@ -56,6 +60,7 @@ def run_posttrain(model: str, data: Path, out: Path, args, batch: int, engine: s
             "max_completion_length": args.completion_length, "generation_batch_size": batch, "max_steps": args.steps,
             "learning_rate": 1e-6, "save_steps": 0, "temperature": 1.0, "loss_type": "token_mean",
             "engine": "vllm" if server else engine, "vllm_servers": [server[1]] if server else [],
+            "async_steps": async_steps, "vllm_importance_sampling_cap": 2.0 if async_steps else None,
             "decontaminate_against": []})
         run_rlvr(cfg)
     finally:
@@ -64,8 +69,10 @@ def run_posttrain(model: str, data: Path, out: Path, args, batch: int, engine: s
             server[0].wait()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     points = [(r["elapsed_seconds"], r["step"] * batch) for r in rows]
-    parts = {k: statistics.median(r[k] for r in rows[1:]) for k in ("step_seconds", "generate_seconds", "weight_push_seconds")
-             if k in rows[-1]}
+    parts = {k: statistics.median(r[k] for r in rows[1:]) for k in ("step_seconds", "generate_seconds", "weight_push_seconds",
+                                                                      "async_wait_seconds") if k in rows[-1]}
+    if async_steps:  # generation hidden behind training, over the steps after the first
+        parts["hidden"] = 1 - sum(r["async_wait_seconds"] for r in rows[1:]) / sum(r["generate_seconds"] for r in rows[1:])
     return rate(points), parts
 
 
@@ -132,6 +139,7 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--batch-size", default="16", help="completions per step; comma-separated for several, e.g. 8,64")
     p.add_argument("--engines", default="transformers", help="posttrain's rollout engines, e.g. transformers,vllm")
+    p.add_argument("--async-steps", default="0", help="async_steps values, e.g. 0,1 (1: rollouts one step ahead)")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True, help="also TRL's GRPOTrainer")
     p.add_argument("--completion-length", type=int, default=32)
     p.add_argument("--rounds", type=int, default=1)
@@ -152,11 +160,12 @@ def main() -> None:
             for batch in (int(b) for b in args.batch_size.split(",")):
                 got: dict[str, list[float]] = {}
                 for i in range(args.rounds):
-                    for engine in args.engines.split(","):
-                        speed, parts = run_posttrain(model, data, tmp / f"ours-{name}-{engine}-{batch}-{i}", args, batch,
-                                                     engine)
-                        got.setdefault(engine, []).append(speed)
-                        print(f"{name} batch {batch} round {i}: posttrain ({engine}) {speed:.2f} rollouts/s; median seconds "
+                    for engine, k in ((e, int(k)) for e in args.engines.split(",") for k in args.async_steps.split(",")):
+                        side = engine + (f"-async{k}" if k else "")
+                        speed, parts = run_posttrain(model, data, tmp / f"ours-{name}-{side}-{batch}-{i}", args, batch,
+                                                     engine, k)
+                        got.setdefault(side, []).append(speed)
+                        print(f"{name} batch {batch} round {i}: posttrain ({side}) {speed:.2f} rollouts/s; median seconds "
                               f"per step: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), file=sys.stderr)
                     if args.trl:
                         got.setdefault("trl", []).append(run_trl(model, data, tmp / f"trl-{name}-{batch}-{i}", args, batch))
@@ -165,9 +174,11 @@ def main() -> None:
                 results.append(r)
                 print(json.dumps(r), flush=True)
     print(f"\nG={args.generations}, {args.completion_length} new tokens, {args.steps} steps; rollouts/s")
-    sides = args.engines.split(",") + (["trl"] if args.trl else [])
+    sides = [e + (f"-async{k}" if int(k) else "") for e in args.engines.split(",") for k in args.async_steps.split(",")]
+    sides += ["trl"] if args.trl else []
     ratios = [(a, b) for a, b in (("vllm", "transformers"), ("vllm-server", "transformers"), ("transformers", "trl"),
-                                  ("vllm", "trl")) if a in sides and b in sides]
+                                  ("vllm", "trl"), ("transformers-async1", "transformers"),
+                                  ("vllm-server-async1", "vllm-server")) if a in sides and b in sides]
     print("| model | completions/step | " + " | ".join(f"posttrain ({s})" if s != "trl" else "TRL GRPOTrainer" for s in sides)
           + "".join(f" | {a} / {b}" for a, b in ratios) + " |")
     print("|---|---|" + "---|" * (len(sides) + len(ratios)))

@@ -3,7 +3,10 @@
 ``score = reward_scale · w_v · verifier_v(text, ground_truth)`` (the prompt's record names its verifier
 ``v``; ``verifier_weights`` gives ``w_v``, default 1) ``+ format_reward_weight · format(text)``
 ``+ reward_model_weight · RM(prompt, completion)`` ``− unfinished_penalty`` when the completion hit
-the length limit without its end-of-turn token.
+the length limit without its end-of-turn token ``− overlong_penalty · min(max(L − (L_max − B), 0) / B, 1)``
+for a completion of ``L`` tokens with ``overlong_buffer B > 0`` (DAPO's soft overlong punishment, Yu et
+al. 2025: nothing up to ``L_max − B`` tokens, then linearly more, the full penalty at the limit
+``L_max = max_completion_length``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ class Scorer:
     def __init__(self, verifiers: list[str], *, verifier_weights: dict | None = None, reward_scale: float = 1.0,
                  unfinished_penalty: float = 0.0, format_reward: str | None = None, format_reward_weight: float = 0.0,
                  reward_model: Callable[[list[list[dict]]], list[float]] | None = None, reward_model_weight: float = 1.0,
+                 overlong_buffer: int = 0, overlong_penalty: float = 1.0, max_completion_length: int = 0,
                  workers: int = 4):
         self.verifiers = sorted(verifiers)
         self.weights, self.scale, self.unfinished_penalty = dict(verifier_weights or {}), reward_scale, unfinished_penalty
         self.format = get_verifier(format_reward) if format_reward else None
         self.format_weight = format_reward_weight
         self.reward_model, self.reward_model_weight = reward_model, reward_model_weight
+        self.overlong_buffer, self.overlong_penalty, self.max_length = overlong_buffer, overlong_penalty, max_completion_length
         self.pool = ThreadPoolExecutor(max_workers=workers)  # the code verifier waits on sandboxes
 
     def __call__(self, prompts: list[dict], completions: list) -> tuple[torch.Tensor, dict[str, float]]:
@@ -54,5 +59,15 @@ class Scorer:
                                                  for p, c in zip(owners, completions)]), dtype=torch.float32)
             scores += self.reward_model_weight * rm
             metrics["reward_model"] = float(rm.sum())
+        if self.overlong_buffer > 0:
+            lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+            over = overlong_fraction(lengths, self.max_length, self.overlong_buffer)
+            scores -= self.overlong_penalty * over
+            metrics["overlong"] = float((self.overlong_penalty * over).sum())
         metrics["reward"] = float(scores.sum())
         return scores, metrics
+
+
+def overlong_fraction(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+    """``min(max(L − (max_length − buffer), 0) / buffer, 1)`` per completion length ``L``."""
+    return ((lengths - (max_length - buffer)).clamp(min=0) / buffer).clamp(max=1)

@@ -227,6 +227,9 @@ class StepSource(Protocol):
 
     def summarize(self, sums: dict[str, float]) -> dict: ...  # global sums -> logged metrics
 
+    # optional: ``state(step) -> dict | None`` (JSON) saved with the checkpoint after ``step``,
+    # ``load_state(dict)`` on resume, ``close()`` after the last step
+
 
 class RowSource:
     """Fixed training rows. A step takes the next ``G = per_device_train_batch_size *
@@ -319,7 +322,14 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
     start = 0
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None:
-        start = layout.load(resume_from, inner, scheduler, extra_models)["step"]
+        loaded = layout.load(resume_from, inner, scheduler, extra_models)
+        start = loaded["step"]
+        if "source_state" in loaded:  # e.g. rollouts generated ahead (async RL), one entry per process
+            states = json.loads(loaded["source_state"])
+            if len(states) != world:
+                raise UserError(f"{resume_from}: holds the step source's state of {len(states)} process(es); "
+                                f"resume it on {len(states)}")
+            source.load_state(states[accelerator.process_index])
         if is_main:
             trim_metrics(metrics_path, start)
             log(f"{stage}: resuming from {resume_from} (step {start} of {total})")
@@ -376,10 +386,15 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
         if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done < total:
             evaluate_main(accelerator, eval_fn, layout.whole(inner, keep=is_main), done, metrics_path)
         if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total:  # the end writes the final model
-            layout.save(cfg.output_dir, done, inner, tokenizer, scheduler, {
-                "epoch": step // steps_per_epoch, "config_hash": config_hash(cfg), "global_batch_size": global_batch_size(cfg),
-                "parallel": cfg.parallel, "processes": world}, extra_models)
+            state = {"epoch": step // steps_per_epoch, "config_hash": config_hash(cfg),
+                     "global_batch_size": global_batch_size(cfg), "parallel": cfg.parallel, "processes": world}
+            if (source_state := getattr(source, "state", lambda _: None)(done)) is not None:
+                from accelerate.utils import gather_object
+
+                state["source_state"] = json.dumps(gather_object([source_state]) if world > 1 else [source_state])
+            layout.save(cfg.output_dir, done, inner, tokenizer, scheduler, state, extra_models)
     bar.close()
+    getattr(source, "close", lambda: None)()
     # The optimizer state (2x the weights) is no longer needed: free it before the final evaluation
     # and save, which would otherwise add their own buffers on top of it at the run's peak.
     last.update(layout.memory)

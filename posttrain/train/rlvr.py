@@ -38,6 +38,7 @@ an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -54,7 +55,7 @@ from posttrain.rewards.combine import Scorer
 from posttrain.train import contamination, parallel
 from posttrain.train.loop import Objective, Result, Run, StepData, finished, reduce_sum, train
 from posttrain.train.reward import PolicyAndValue, load_value_model
-from posttrain.train.rl import grpo, ppo
+from posttrain.train.rl import advantages, grpo, ppo
 from posttrain.train.rl.rows import collate_rows, group_rows, model_inputs
 from posttrain.util import log
 
@@ -90,7 +91,8 @@ def make_scorer(cfg: RLVRConfig, verifiers: list[str]) -> Scorer:
     return Scorer(verifiers, verifier_weights=cfg.verifier_weights, reward_scale=cfg.reward_scale,
                   unfinished_penalty=cfg.unfinished_penalty, format_reward=cfg.format_reward,
                   format_reward_weight=cfg.format_reward_weight, reward_model=reward_model,
-                  reward_model_weight=cfg.reward_model_weight)
+                  reward_model_weight=cfg.reward_model_weight, overlong_buffer=cfg.overlong_buffer,
+                  overlong_penalty=cfg.overlong_penalty, max_completion_length=cfg.max_completion_length)
 
 
 def rl_objective(cfg: RLVRConfig) -> Objective:
@@ -113,8 +115,10 @@ def rl_objective(cfg: RLVRConfig) -> Objective:
 
 
 def completion_records(prompts: list[dict], completions: list) -> list[dict]:
-    """One record per completion: its prompt index, tokens and sampling log-probs (the old policy's)."""
-    return [{"prompt": c.prompt_index, "token_ids": c.token_ids, "old_logp": c.logprobs} for c in completions]
+    """One record per completion: its prompt index, tokens, sampling log-probs (the old policy's) and
+    whether the length limit cut it."""
+    return [{"prompt": c.prompt_index, "token_ids": c.token_ids, "old_logp": c.logprobs,
+             "truncated": c.finish_reason == "length"} for c in completions]
 
 
 def micro_batches(prompts: list[dict], records: list[dict], size: int, share: str, pad: int,
@@ -169,6 +173,9 @@ class Rollouts:
         self.updates_per_step = cfg.num_iterations
         self.engine: TransformersEngine | None = None
         self.gathered: torch.nn.Module | None = None  # under FSDP: the transformers engine's whole copy of the policy
+        self.ahead = None  # async_steps: posttrain.train.rl.async_rollouts.AheadRollouts
+        self.resumed: dict = {}  # async_steps: the rollouts a checkpoint held
+        self.threads = 0  # async_steps with a local worker: this process's torch threads before it started
 
     def total_steps(self, cfg: RLVRConfig, world: int) -> tuple[int, int]:
         G = cfg.num_generations
@@ -179,22 +186,67 @@ class Rollouts:
                             f"{self.prompts_per_step * G} completions / num_generations {G})")
         log(f"rlvr ({cfg.algorithm}): {len(self.prompts)} prompts, {self.prompts_per_step} per step x {G} generations")
         total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
+        self.total = total
         return total, self.steps_per_epoch
 
-    def select(self, step: int, rank: int, world: int) -> list[dict]:
+    def select(self, step: int, rank: int, world: int, attempt: int = 0) -> list[dict]:
         """This process's prompts for ``step``: a contiguous share of the step's slice of an order
-        shuffled once per epoch (seed ``seed + epoch``)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-        chosen = order[k * self.prompts_per_step:(k + 1) * self.prompts_per_step].tolist()
+        shuffled once per epoch (seed ``seed + epoch``). Dynamic sampling's further attempts draw from
+        an order of their own (seeded by step and attempt)."""
+        if attempt:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 7919 * step + attempt)
+            chosen = torch.randperm(len(self.prompts), generator=g)[:self.prompts_per_step].tolist()
+        else:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            chosen = order[k * self.prompts_per_step:(k + 1) * self.prompts_per_step].tolist()
         share = self.prompts_per_step // world
         return [self.prompts[i] for i in chosen[rank * share:(rank + 1) * share]]
+
+    def sampling(self, step: int, attempt: int = 0) -> SamplingParams:
+        cfg = self.cfg
+        return SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                              top_k=cfg.top_k, n=cfg.num_generations,  # per-prompt streams: any process split samples alike
+                              seed=cfg.seed * 1_000_003 + step + attempt * 7_919_993)
 
     def __call__(self, step: int, run: Run) -> StepData:
         cfg = self.cfg
         t0 = time.time()
         if cfg.parallel == "fsdp" and self.reference is not None and not parallel.is_sharded(self.reference):
             parallel.shard(self.reference, run.accelerator.device, cfg.fsdp_reshard_after_forward, cfg.fsdp_cpu_offload)
+        mine = self.select(step, run.rank, run.world)
+        if cfg.async_steps:
+            completions, info = self.ahead_completions(step, run)
+        else:
+            t_push = self.sync_engine(step, run)
+            completions = self.engine.generate([p["ids"] for p in mine], self.sampling(step))
+            info = {"generate_seconds": round(time.time() - t0 - t_push, 3)}
+            if cfg.engine == "vllm":
+                info["weight_push_seconds"] = round(t_push, 3)
+        t_score = time.time()
+        scores, sums = self.scorer(mine, completions)
+        if cfg.dynamic_sampling:
+            mine, completions, scores, sums = self.fill(step, run, mine, completions, scores, sums)
+        records = completion_records(mine, completions)
+        tok = run.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else chat.stop_token_ids(tok)[0]
+        sums.update(prepare_advantages(cfg, run, self.reference, mine, records, scores, pad))
+        keys = ("old_logp", "advantages") + (("ref_logp",) if self.reference is not None and cfg.algorithm == "grpo"
+                                             else ()) + (
+            ("old_values", "returns") if cfg.algorithm == "ppo" else ()) + tuple(k for k in ("keep", "is_weight")
+                                                                                  if k in records[0])
+        batches = micro_batches(mine, records, cfg.per_device_train_batch_size, cfg.share_prompt, pad, keys)
+        sums["completions"] = float(len(completions))
+        info["score_seconds"] = round(time.time() - t_score, 3)
+        if "engine_logp" in records[0]:
+            info["engine_logprob_max_ratio"] = round(max(math.exp(abs(a - b)) for r in records
+                                                         for a, b in zip(r["engine_logp"], r["old_logp"])), 6)
+        return StepData(batches, sums, info)
+
+    def sync_engine(self, step: int, run: Run) -> float:
+        """Make the engine generate with the current weights; returns the seconds a weight push took."""
+        cfg = self.cfg
+        t0 = time.time()
         policy = run.model
         if run.layout.sharded:  # the engine generates with whole weights, gathered from every process's shards
             if cfg.engine == "transformers":
@@ -218,30 +270,79 @@ class Rollouts:
             elif run.rank == 0:  # one push per step for all processes
                 self.engine.load_weights(policy, version=step)
             run.accelerator.wait_for_everyone()
-        t_push = time.time() - t0
-        mine = self.select(step, run.rank, run.world)
-        sampling = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                  top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.num_generations,
-                                  seed=cfg.seed * 1_000_003 + step)  # per-prompt streams: any process split samples alike
-        completions = self.engine.generate([p["ids"] for p in mine], sampling)
-        t_gen = time.time() - t0 - t_push
-        scores, sums = self.scorer(mine, completions)
-        records = completion_records(mine, completions)
-        tok = run.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else self.engine.stop_ids[0]
-        sums.update(prepare_advantages(cfg, run, self.reference, mine, records, scores, pad))
-        keys = ("old_logp", "advantages") + (("ref_logp",) if self.reference is not None and cfg.algorithm == "grpo"
-                                             else ()) + (
-            ("old_values", "returns") if cfg.algorithm == "ppo" else ()) + tuple(k for k in ("keep", "is_weight")
-                                                                                  if k in records[0])
-        batches = micro_batches(mine, records, cfg.per_device_train_batch_size, cfg.share_prompt, pad, keys)
-        sums["completions"] = float(len(completions))
-        info = {"generate_seconds": round(t_gen, 3), "score_seconds": round(time.time() - t0 - t_push - t_gen, 3)}
-        if cfg.engine == "vllm":
-            info["weight_push_seconds"] = round(t_push, 3)
-            info["engine_logprob_max_ratio"] = round(max(math.exp(abs(a - b)) for r in records
-                                                         for a, b in zip(r["engine_logp"], r["old_logp"])), 6)
-        return StepData(batches, sums, info)
+        return time.time() - t0
+
+    def fill(self, step: int, run: Run, mine: list[dict], completions: list, scores: torch.Tensor,
+             sums: dict) -> tuple[list[dict], list, torch.Tensor, dict]:
+        """Dynamic sampling (DAPO): keep the groups whose rewards differ; sample further batches of
+        prompts (``select(step, attempt)``) until this process has as many such groups as prompts, at
+        most ``dynamic_sampling_max_tries`` batches in all; zero-variance groups fill what is left. The
+        kept batch is scored again for its metrics."""
+        from dataclasses import replace
+
+        cfg, G = self.cfg, self.cfg.num_generations
+        varied, spare = [], []
+        sampled, attempt = len(mine), 1
+
+        def sort(prompts, comps, sc):
+            flags = advantages.varied_groups(sc, G).view(-1, G)[:, 0].tolist()
+            for i, (p, flag) in enumerate(zip(prompts, flags)):
+                (varied if flag else spare).append((p, comps[i * G:(i + 1) * G]))
+
+        sort(mine, completions, scores)
+        while len(varied) < len(mine) and attempt < cfg.dynamic_sampling_max_tries:
+            extra = self.select(step, run.rank, run.world, attempt)
+            comps = self.engine.generate([p["ids"] for p in extra], self.sampling(step, attempt))
+            sort(extra, comps, self.scorer(extra, comps)[0])
+            sampled, attempt = sampled + len(extra), attempt + 1
+        chosen = (varied + spare)[:len(mine)]
+        prompts = [p for p, _ in chosen]
+        comps = [replace(c, prompt_index=i) for i, (_, group) in enumerate(chosen) for c in group]
+        scores, sums = self.scorer(prompts, comps)
+        sums.update({"sampled_prompts": float(sampled), "zero_variance_fill": float(max(len(mine) - len(varied), 0))})
+        return prompts, comps, scores, sums
+
+    def ahead_completions(self, step: int, run: Run) -> tuple[list, dict]:
+        """``async_steps``: submit the jobs up to ``step + k`` with the current weights, wait for ``step``'s."""
+        from posttrain.train.rl.async_rollouts import AheadRollouts, ProcessWorker, ServerWorker
+
+        cfg = self.cfg
+        if self.ahead is None:
+            if cfg.engine == "vllm":
+                from posttrain.inference.vllm_servers import VLLMServers
+
+                worker = ServerWorker(VLLMServers(cfg.vllm_servers, run.tokenizer))
+            else:
+                threads = max(1, (os.cpu_count() or 2) // 2)  # the CPU's threads shared between the two processes
+                worker = ProcessWorker(cfg.model, cfg.dtype, run.tokenizer, cfg.generation_batch_size, threads)
+                self.threads = torch.get_num_threads()
+                torch.set_num_threads(max(1, min(self.threads, (os.cpu_count() or 2) - threads)))
+            self.ahead = AheadRollouts(worker, cfg.async_steps)
+            self.ahead.load_state(self.resumed)
+        todo = [s for s in range(step, min(step + cfg.async_steps, self.total - 1) + 1) if s not in self.ahead.submitted]
+        if todo:
+            weights = (dict(run.layout.whole_state(run.model)) if run.layout.sharded
+                       else {n: t.detach().clone() for n, t in run.model.state_dict().items()})
+            for s in todo:
+                self.ahead.submit(s, step, weights, [p["ids"] for p in self.select(s, run.rank, run.world)],
+                                  self.sampling(s))
+        return self.ahead.result(step)
+
+    def state(self, step: int) -> dict | None:
+        """With ``async_steps``: the rollouts of steps ``step..step+k-1``, finished, for the checkpoint."""
+        if not self.cfg.async_steps or self.ahead is None:
+            return None
+        return self.ahead.state(range(step, step + self.cfg.async_steps))
+
+    def load_state(self, state: dict) -> None:
+        self.resumed = state
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
+            self.ahead = None
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
     @staticmethod
     def summarize(totals: dict[str, float]) -> dict:
@@ -252,7 +353,8 @@ class Rollouts:
         out = {"loss": totals["loss"]}
         out.update({k: v / n for k, v in totals.items()
                     if k in ("reward", "verified", "unfinished", "completion_tokens", "format", "reward_model",
-                             "zero_variance")})
+                             "zero_variance", "overlong")})
+        out.update({k: totals[k] for k in ("sampled_prompts", "zero_variance_fill") if k in totals})  # per step
         out.update({k: v / max(totals[f"count/{k[9:]}"], 1.0) for k, v in totals.items() if k.startswith("verifier/")})
         out.update({k: totals[k] / tokens for k in ("kl", "clip_fraction", "value_loss") if k in totals})
         for key in ("engine_logprob_abs_diff", "importance_sampling_capped"):  # per completion token
@@ -302,7 +404,7 @@ def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict]
     size = cfg.per_device_train_batch_size
     metrics: dict[str, float] = {}
     forwards = []
-    if cfg.engine == "vllm":  # the old policy's log-probs from the trainer's own forward (exact)
+    if cfg.engine == "vllm" or cfg.async_steps:  # the old policy's log-probs from the trainer's own forward (exact)
         for r in records:
             r["engine_logp"] = r["old_logp"]
         inner = run.accelerator.unwrap_model(run.module)
@@ -319,7 +421,7 @@ def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict]
             for r, values in split_tokens(out, batch, records[j * size:(j + 1) * size]):
                 r[key] = values
         net.train(was_training)
-    if cfg.engine == "vllm":
+    if cfg.engine == "vllm" or cfg.async_steps:
         metrics["engine_logprob_abs_diff"] = sum(abs(a - b) for r in records for a, b in zip(r["engine_logp"], r["old_logp"]))
     if cfg.vllm_importance_sampling_cap is not None:  # truncated importance sampling (posttrain.train.rl.grpo)
         log_cap = math.log(cap := cfg.vllm_importance_sampling_cap)
@@ -330,10 +432,17 @@ def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict]
             capped += sum(x > log_cap for x in log_ratios)
         metrics["importance_sampling_capped"] = float(capped)
     if cfg.algorithm == "grpo":
-        adv, varied = grpo.group_advantages(scores, cfg.num_generations, cfg.scale_rewards)
+        G = cfg.num_generations
+        if cfg.advantage == "group":
+            adv, varied = advantages.group(scores, G, cfg.scale_rewards)
+        elif cfg.advantage == "rloo":
+            adv, varied = advantages.rloo(scores, G)
+        else:
+            adv, varied = advantages.reinforce_pp(scores, G, reduce_sum(run.accelerator, advantages.batch_stats(scores)))
         for r, a, keep in zip(records, adv.tolist(), varied.tolist()):
             r["advantages"] = [a] * len(r["token_ids"])
-            if cfg.drop_zero_variance:  # out of the loss and of its denominator
+            keep = (keep or not cfg.drop_zero_variance) and not (cfg.mask_truncated and r["truncated"])
+            if cfg.drop_zero_variance or cfg.mask_truncated:  # out of the loss and of its denominator
                 r["keep"] = [float(keep)] * len(r["token_ids"])
         metrics["zero_variance"] = float((~varied).sum())
         return metrics

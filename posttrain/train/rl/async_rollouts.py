@@ -1,0 +1,168 @@
+"""Rollouts generated ahead of training (``async_steps: k``): a second engine samples the completions
+of step ``s + k`` while the trainer trains step ``s``.
+
+At the start of step ``s`` the trainer holds the weights after ``s`` updates (version ``s``). It
+submits the job of step ``s + k`` with a snapshot of those weights (at step 0: the jobs of steps
+``0..k``, all from version 0), then waits for the job of step ``s``, generated from version
+``max(s − k, 0)``: the staleness never exceeds ``k``. The worker runs its jobs in order, one at a
+time, each with the weights it was submitted with:
+
+- ``ProcessWorker``: a second local process with the transformers engine on its own copy of the
+  policy; a job carries its weights snapshot (moved to shared memory by ``torch.multiprocessing``).
+- ``ServerWorker``: a thread that pushes the job's snapshot to the vLLM servers
+  (``posttrain serve --engine vllm``) and generates there.
+
+The completions carry the worker's log-probs (the stale sampling policy); the trainer recomputes the
+old log-probs with its current weights and, with ``vllm_importance_sampling_cap``, weights each token
+by the truncated ratio of the two (posttrain.train.rl.grpo), as for vLLM's rollouts.
+
+Logged per step: ``staleness`` (``s`` minus the version generated from), ``generate_seconds`` (the
+worker's time for the job) and ``async_wait_seconds`` (the trainer's time blocked on it). Generation
+hidden behind training is ``1 − Σ wait / Σ generate``.
+
+Resume: at a checkpoint after step ``s`` the jobs of steps ``s..s+k−1`` are waited for and their
+completions stored with the checkpoint (``state``); a resumed run trains on exactly those.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from dataclasses import asdict
+
+import torch
+
+from posttrain.inference.engine import Completion
+
+
+def _serve_process(model_path: str, dtype: str, tokenizer, batch_size: int, threads: int, jobs, results) -> None:
+    """The worker process: load the policy once, then per job load its weights and generate."""
+    torch.set_num_threads(threads)
+    try:
+        from posttrain.inference.engine import TransformersEngine
+        from posttrain.models import load_model
+
+        model = load_model(model_path, dtype).eval()
+        engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
+    except Exception:  # noqa: BLE001 - reported to the trainer, which raises it
+        results.put(("error", traceback.format_exc()))
+        return
+    while (job := jobs.get()) is not None:
+        step, weights, prompts, sampling = job
+        try:
+            model.load_state_dict(weights)
+            t = time.time()
+            completions = engine.generate(prompts, sampling)
+            results.put((step, completions, time.time() - t))
+        except Exception:  # noqa: BLE001
+            results.put(("error", traceback.format_exc()))
+            return
+
+
+class ProcessWorker:
+    """Jobs run by a second local process with the transformers engine (``threads`` torch threads)."""
+
+    def __init__(self, model_path: str, dtype: str, tokenizer, batch_size: int, threads: int = 1):
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.jobs, self.results = ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=_serve_process, daemon=True,
+                                   args=(model_path, dtype, tokenizer, batch_size, threads, self.jobs, self.results))
+        self.process.start()
+
+    def submit(self, step: int, weights: dict, prompts: list, sampling) -> None:
+        self.jobs.put((step, weights, prompts, sampling))
+
+    def next_result(self) -> tuple[int, list[Completion], float]:
+        while True:
+            try:
+                got = self.results.get(timeout=5)
+                break
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise RuntimeError(f"async_steps: the rollout worker process died (exit code "
+                                       f"{self.process.exitcode})") from None
+        if got[0] == "error":
+            raise RuntimeError(f"async_steps: the rollout worker failed:\n{got[1]}")
+        return got
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.jobs.put(None)
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+class ServerWorker:
+    """Jobs run by a thread against vLLM servers: push the job's weights (as version ``step``), generate."""
+
+    def __init__(self, engine):
+        self.engine, self.jobs, self.results = engine, queue.Queue(), queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            step, weights, prompts, sampling = job
+            try:
+                t = time.time()
+                self.engine.load_weights(list(weights.items()), version=step)
+                self.results.put((step, self.engine.generate(prompts, sampling), time.time() - t))
+            except Exception as e:  # noqa: BLE001
+                self.results.put(("error", e))
+                return
+
+    def submit(self, step: int, weights: dict, prompts: list, sampling) -> None:
+        self.jobs.put((step, weights, prompts, sampling))
+
+    def next_result(self) -> tuple[int, list[Completion], float]:
+        got = self.results.get()
+        if got[0] == "error":
+            raise got[1]
+        return got
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+
+class AheadRollouts:
+    """The jobs in flight and the finished ones, keyed by step; ``k`` = ``async_steps``."""
+
+    def __init__(self, worker, k: int):
+        self.worker, self.k = worker, k
+        self.submitted: dict[int, int] = {}  # step -> weights version
+        self.done: dict[int, tuple[list[Completion], float]] = {}
+
+    def submit(self, step: int, version: int, weights: dict, prompts: list, sampling) -> None:
+        self.worker.submit(step, weights, prompts, sampling)
+        self.submitted[step] = version
+
+    def result(self, step: int) -> tuple[list[Completion], dict]:
+        """The completions of ``step`` (waiting for them) and the timeline entries to log."""
+        t = time.time()
+        while step not in self.done:
+            got_step, completions, seconds = self.worker.next_result()
+            self.done[got_step] = (completions, seconds)
+        waited = time.time() - t
+        completions, seconds = self.done.pop(step)
+        version = self.submitted.pop(step)
+        return completions, {"staleness": step - version, "generate_seconds": round(seconds, 3),
+                             "async_wait_seconds": round(waited, 3)}
+
+    def state(self, steps: range) -> dict:
+        """The finished completions of ``steps`` (waited for), for a checkpoint."""
+        while any(s not in self.done for s in steps if s in self.submitted):
+            got_step, completions, seconds = self.worker.next_result()
+            self.done[got_step] = (completions, seconds)
+        return {str(s): {"version": self.submitted[s], "seconds": self.done[s][1],
+                         "completions": [asdict(c) for c in self.done[s][0]]} for s in steps if s in self.submitted}
+
+    def load_state(self, state: dict) -> None:
+        for s, entry in state.items():
+            self.submitted[int(s)] = entry["version"]
+            self.done[int(s)] = ([Completion(**c) for c in entry["completions"]], entry["seconds"])
+
+    def close(self) -> None:
+        self.worker.close()

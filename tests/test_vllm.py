@@ -233,7 +233,8 @@ def test_vllm_servers_killed_mid_run_the_run_goes_on_or_resumes_exactly(mod2, mo
     """Two ``posttrain serve --engine vllm`` processes on localhost. (1) 6 GRPO steps on servers A and B,
     B killed at step 3: its share goes to A and the run ends with the weights of a run on A alone.
     (2) A run on A alone, A killed at step 5: a one-line error; a new server C; the same command with
-    ``vllm_servers: [C]`` resumes from the step-4 checkpoint and ends with the same weights again."""
+    ``vllm_servers: [C]`` resumes from the step-4 checkpoint and ends with the same weights again. (3) A
+    run with ``async_steps: 1`` on C: rollouts one step stale."""
     servers = [start_server(mod2["sft"], 0), start_server(mod2["sft"], 1)]
     (a, url_a), (b, url_b) = servers
     c = None
@@ -270,6 +271,13 @@ def test_vllm_servers_killed_mid_run_the_run_goes_on_or_resumes_exactly(mod2, mo
         rlvr(mod2, resumed, vllm_servers=[url_c], **steps)
         assert "resum" in capfd.readouterr().err.lower()
         assert all(torch.equal(v, want[k]) for k, v in final_weights(resumed).items())
+
+        # (3) rollouts one step ahead from server C (a thread pushes each job's weights, then generates)
+        ahead = mod2["root"] / "servers-async"
+        rlvr(mod2, ahead, vllm_servers=[url_c], async_steps=1, vllm_importance_sampling_cap=2.0, **steps)
+        rows = metrics_rows(ahead)
+        assert [r["staleness"] for r in rows] == [0, 1, 1, 1, 1, 1]
+        assert all(r["engine_logprob_abs_diff"] > 0 for r in rows[1:]) and set().union(*rows) <= documented_metrics()
     finally:
         for proc in (a, b, c):
             if proc is not None and proc.poll() is None:

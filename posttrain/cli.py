@@ -94,7 +94,14 @@ def cmd_tts(args) -> None:
 def cmd_serve(args) -> None:
     from posttrain.inference.serve import serve
 
-    serve(args.model, args.host, args.port, args.batch_size, args.name, args.engine, args.accept_weights)
+    from posttrain.inference.serve import parse_models
+
+    models = parse_models(args.model, args.run)
+    if args.name:
+        if len(models) != 1:
+            raise UserError("--name renames a single --model; name several with --model NAME=DIR")
+        models = {args.name: next(iter(models.values()))}
+    serve(models, args.host, args.port, args.batch_size, args.engine, args.accept_weights)
 
 
 def cmd_run(args) -> None:
@@ -217,8 +224,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--output", default="runs/tts")
     t.set_defaults(func=cmd_tts)
 
-    v = sub.add_parser("serve", help="serve a local model behind an OpenAI-compatible API (/v1/chat/completions)")
-    v.add_argument("--model", required=True)
+    v = sub.add_parser("serve", help="serve local models behind an OpenAI-compatible API (/v1/chat/completions)")
+    v.add_argument("--model", action="append", default=[],
+                   help="a model directory or alias, or NAME=DIR; repeat for several (a request names one in 'model')")
+    v.add_argument("--run", help="serve every stage's model of a posttrain run / demo output directory (and its base)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--name", help="the model name clients ask for (default: the --model value)")

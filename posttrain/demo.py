@@ -157,4 +157,5 @@ def run_demo(out: str = "runs/demo", overrides: list[str] | tuple[str, ...] = ()
     print(f"\n{'every post-training stage improved held-out accuracy' if not flat else 'no gain from: ' + ', '.join(flat)}; "
           f"{round(time.time() - started, 1)} s; report in {root / 'report.md'}, table in {root / 'summary.json'}, "
           f"plot in {root / 'summary.png'}")
+    print(f"chat with every stage, side by side: posttrain serve --run {root}")
     return stages

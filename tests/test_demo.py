@@ -28,6 +28,10 @@ def test_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     assert reports["sft"]["records"] == 200 and reports["rlvr"]["records"] == 400
     assert "## Contamination" in (root / "report.md").read_text()
     assert (root / "summary.png").read_bytes()[:4] == b"\x89PNG" and (root / "tts" / "tts.png").is_file()
+    from posttrain.inference.serve import models_of_run  # what `posttrain serve --run` serves
+
+    assert list(models_of_run(str(root))) == ["base", "midtrain", "anneal", "sft", "dpo", "rlvr"]
+    assert models_of_run(str(root))["base"] == str(root / "tiny-base")
     again = run_demo(str(root), small)
     ran = json.loads((root / "stages.json").read_text())
     assert all(s["skipped"] for s in ran)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -135,7 +136,11 @@ class TransformersEngine:
         return encode_prompt(self.tokenizer, prompt)
 
     @torch.no_grad()
-    def generate(self, prompts: list, sampling: SamplingParams | None = None) -> list[Completion]:
+    def generate(self, prompts: list, sampling: SamplingParams | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+        """Completions in request order (``n`` per prompt). ``on_text(j, delta)`` receives the new text of
+        completion ``j`` as it is decoded (token by token on the static decoder; in one piece otherwise;
+        not at all for a stop string's overshoot: the final ``text`` is authoritative)."""
         sampling = sampling or SamplingParams()
         requests = completion_requests(self.tokenizer, prompts, sampling)
         encoded, keys = [(i, ids) for i, ids, _ in requests], [seed for _, _, seed in requests]
@@ -151,7 +156,9 @@ class TransformersEngine:
         try:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
-                new, logprobs = self._batch([encoded[j][1] for j in chunk], sampling, generator, [keys[j] for j in chunk])
+                stream = self._streamer(chunk, on_text) if on_text is not None else None
+                new, logprobs = self._batch([encoded[j][1] for j in chunk], sampling, generator, [keys[j] for j in chunk],
+                                            stream)
                 for r, j in enumerate(chunk):
                     results[j] = self._completion(new[r], logprobs[r], encoded[j][0], sampling.stop)
                 bar.update(len(chunk))
@@ -192,7 +199,24 @@ class TransformersEngine:
             attention[r, width - len(ids):] = 1
         return input_ids.to(self.model.device), attention.to(self.model.device)
 
-    def _batch(self, prompts: list[list[int]], sampling: SamplingParams, generator, keys: list[int]) -> tuple[list, list]:
+    def _streamer(self, chunk: list[int], on_text: Callable[[int, str], None]) -> Callable[[torch.Tensor], None]:
+        """A callback for the tokens decoded so far (``[rows, steps]``): the new text of each row, to
+        ``on_text`` (held back while it ends in an incomplete character)."""
+        sent = [""] * len(chunk)
+        stops = set(self.stop_ids)
+
+        def stream(history: torch.Tensor) -> None:
+            for r, j in enumerate(chunk):
+                ids = [t for t in history[r].tolist() if t >= 0 and t not in stops]
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                if len(text) > len(sent[r]) and text.startswith(sent[r]) and not text.endswith("\ufffd"):
+                    on_text(j, text[len(sent[r]):])
+                    sent[r] = text
+
+        return stream
+
+    def _batch(self, prompts: list[list[int]], sampling: SamplingParams, generator, keys: list[int],
+               stream: Callable[[torch.Tensor], None] | None = None) -> tuple[list, list]:
         width = max(len(ids) for ids in prompts)
         if static_decoder.supports(self.model, width + sampling.max_new_tokens):
             distinct: dict[tuple, int] = {}
@@ -202,10 +226,14 @@ class TransformersEngine:
             if sampling.temperature > 0:
                 uniforms = torch.stack([torch.rand(sampling.max_new_tokens, dtype=torch.float64,
                                                    generator=torch.Generator().manual_seed(k)) for k in keys])
-            return self._decode_static(input_ids, attention, sampling, uniforms, rows.to(self.model.device))
-        return self._decode_generate(*self._left_padded(prompts), sampling, generator)
+            return self._decode_static(input_ids, attention, sampling, uniforms, rows.to(self.model.device), stream)
+        new, logprobs = self._decode_generate(*self._left_padded(prompts), sampling, generator)
+        if stream is not None and not sampling.stop:
+            stream(torch.tensor([row + [FINISHED] * (max(map(len, new)) - len(row)) for row in new]))
+        return new, logprobs
 
-    def _decode_static(self, input_ids, attention, sampling: SamplingParams, uniforms, rows) -> tuple[list, list]:
+    def _decode_static(self, input_ids, attention, sampling: SamplingParams, uniforms, rows,
+                       stream: Callable[[torch.Tensor], None] | None = None) -> tuple[list, list]:
         B = rows.shape[0]
         temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         stop_ids = torch.tensor(self.stop_ids, device=input_ids.device)
@@ -226,6 +254,8 @@ class TransformersEngine:
             tokens = tokens.masked_fill(done, FINISHED)
             steps.append(tokens)
             done.logical_or_(torch.isin(tokens, stop_ids))
+            if stream is not None and not longest_stop:  # with stop strings the text may still be cut
+                stream(torch.stack(steps, 1))
             if longest_stop:
                 history = torch.stack(steps, 1)
                 for r in (~done).nonzero().flatten().tolist():

@@ -1,10 +1,19 @@
-"""``posttrain serve``: a local model behind an OpenAI-compatible HTTP API (``/v1/chat/completions``,
-``/v1/models``), for judges, synthetic data and ``OpenAIEngine`` tests; with ``--engine vllm`` also a
-rollout server for RLVR's ``vllm_servers`` (posttrain.inference.vllm_servers).
+"""``posttrain serve``: local models behind an OpenAI-compatible HTTP API (``/v1/chat/completions``,
+``/v1/models``), for people, judges, synthetic data and ``OpenAIEngine`` tests; with ``--engine vllm``
+also a rollout server for RLVR's ``vllm_servers`` (posttrain.inference.vllm_servers).
 
-Requests run one at a time on the engine (``TransformersEngine`` or ``VLLMEngine``). Supported request
-fields: ``messages``, ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (default 1), ``top_p``,
-``top_k``, ``seed``, ``stop``, ``n``. A malformed request gets HTTP 400 with an OpenAI-style error body.
+Several models can be served at once (``{name: engine}``); a request names one in ``model`` (one
+served model answers whatever name is asked). Requests run one at a time per model (the ``TransformersEngine``
+or ``VLLMEngine``), each in its own thread: concurrent clients wait for the model, never share a batch.
+Supported request fields: ``messages``, ``max_tokens`` (or ``max_completion_tokens``), ``temperature``
+(default 1), ``top_p``, ``top_k``, ``seed``, ``stop``, ``n``, ``logprobs`` (the sampled tokens'
+log-probabilities at the sampling temperature, in OpenAI's ``choices[i].logprobs.content`` form),
+``stream`` (server-sent events of ``chat.completion.chunk`` objects, token by token on the
+transformers engine, ending with ``data: [DONE]``), and s1's budget forcing as extra body fields
+(posttrain.inference.budget_forcing): ``max_thinking_tokens``, ``min_thinking_tokens``, ``num_wait``
+(and ``think_start``, ``think_end``, ``wait``, ``answer_prefix``); a budget-forced choice also carries
+``thinking_tokens``, ``waits`` and ``forced_stop``. A malformed request gets HTTP 400 with an
+OpenAI-style error body; an unknown model 404.
 
 Rollout routes (``--engine vllm``; the transformers engine answers them with 404):
 
@@ -32,6 +41,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from posttrain.inference.engine import SamplingParams
 
 ROLLOUT_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "stop")
+BUDGET_NUMBERS = ("max_thinking_tokens", "min_thinking_tokens", "num_wait")
+BUDGET_STRINGS = ("think_start", "think_end", "wait", "answer_prefix")
 
 
 class BadRequest(ValueError):
@@ -70,6 +81,27 @@ def check_messages(body: dict) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def budget_from(body: dict, max_tokens: int):
+    """s1's budget forcing from the request's extra fields, or None when none of them is set."""
+    from posttrain.inference.budget_forcing import BudgetForcing
+
+    given = {k: body[k] for k in BUDGET_NUMBERS + BUDGET_STRINGS if body.get(k) is not None}
+    if not any(k in given for k in BUDGET_NUMBERS):
+        return None
+    for k in BUDGET_NUMBERS:
+        if k in given and (isinstance(given[k], bool) or not isinstance(given[k], int) or given[k] < 0):
+            raise BadRequest(f"'{k}' must be an integer >= 0")
+    for k in BUDGET_STRINGS:
+        if k in given and not isinstance(given[k], str):
+            raise BadRequest(f"'{k}' must be a string")
+    return BudgetForcing(max_answer_tokens=max_tokens, **given)
+
+
+def logprobs_content(tokenizer, token_ids: list[int], logprobs: list[float]) -> dict:
+    return {"content": [{"token": tokenizer.decode([t]), "logprob": lp, "bytes": list(tokenizer.decode([t]).encode()),
+                         "top_logprobs": []} for t, lp in zip(token_ids, logprobs)]}
+
+
 def rollout_sampling(body: dict) -> SamplingParams:
     given = body.get("sampling")
     if not isinstance(given, dict) or set(given) - set(ROLLOUT_SAMPLING):
@@ -92,9 +124,14 @@ def check_rollout_request(body: dict, vocab_size: int) -> tuple[list[list[int]],
     return prompts, seeds, rollout_sampling(body)
 
 
-def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+def make_server(engine, model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                 faults: list | None = None, fault_delay: float = 5.0, accept_weights: bool = False) -> ThreadingHTTPServer:
-    lock = threading.Lock()
+    """``engine``: one engine (served as ``model_name``) or ``{name: engine}``, the first the default."""
+    engines = dict(engine) if isinstance(engine, dict) else {model_name: engine}
+    model_name = next(iter(engines))
+    engine = engines[model_name]
+    locks = {name: threading.Lock() for name in engines}
+    lock = locks[model_name]  # the rollout routes: the first model
     pending = list(faults or [])
     served = {"completions": 0, "weights_version": 0}
     rollouts = hasattr(engine, "complete")  # the vLLM engine: per-completion seeds and weight loads
@@ -120,7 +157,8 @@ def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 80
                 self._send(200, {"model": model_name, "engine": type(engine).__name__, "vocab_size": vocab_size,
                                  "weights_version": served["weights_version"], "rollouts": rollouts})
             elif self.path.rstrip("/") == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "posttrain"}]})
+                self._send(200, {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "posttrain"}
+                                                            for name in engines]})
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
@@ -193,18 +231,80 @@ def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 80
                 if not isinstance(body, dict):
                     raise BadRequest("the request body must be a JSON object")
                 messages, sampling = check_messages(body), sampling_from(body)
+                budget = budget_from(body, sampling.max_new_tokens)
             except (BadRequest, ValueError) as e:
                 self._send(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
                 return
-            with lock:
-                outs = engine.generate([messages], sampling)
-                served["completions"] += len(outs)
-            choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "finish_reason": o.finish_reason}
-                       for i, o in enumerate(outs)]
-            tokens = sum(len(o.token_ids) for o in outs)
-            self._send(200, {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-                             "model": model_name, "choices": choices,
-                             "usage": {"completion_tokens": tokens, "prompt_tokens": 0, "total_tokens": tokens}})
+            name = body.get("model") if len(engines) > 1 else model_name
+            if name not in engines:
+                self._send(404, {"error": {"message": f"model {name!r} is not served here; served: {', '.join(engines)}",
+                                           "type": "invalid_request_error", "code": "model_not_found"}})
+                return
+            self._complete(name, messages, sampling, budget, bool(body.get("stream")), bool(body.get("logprobs")))
+
+        def _complete(self, name: str, messages: list[dict], sampling: SamplingParams, budget, stream: bool,
+                      logprobs: bool) -> None:
+            eng = engines[name]
+            head = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": name}
+            on_text = None
+            if stream:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.end_headers()
+                self.close_connection = True
+
+                def event(choices: list[dict], **extra) -> None:
+                    chunk = {**head, "object": "chat.completion.chunk", "choices": choices, **extra}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+
+                event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                       for i in range(sampling.n)])
+                streamed = [""] * sampling.n
+
+                def on_text(j: int, delta: str) -> None:
+                    streamed[j] += delta
+                    event([{"index": j, "delta": {"content": delta}, "finish_reason": None}])
+
+            try:
+                with locks[name]:
+                    if budget is not None:
+                        from posttrain.inference.budget_forcing import generate as forced
+
+                        outs = forced(eng, [messages], budget, sampling)
+                    elif on_text is not None and hasattr(eng, "model"):  # the transformers engine streams tokens
+                        outs = eng.generate([messages], sampling, on_text=on_text)
+                    else:
+                        outs = eng.generate([messages], sampling)
+                    served["completions"] += len(outs)
+                choices = []
+                for i, o in enumerate(outs):
+                    finish = getattr(o, "finish_reason", None) or getattr(o, "answer_finish_reason", "stop")
+                    choice = {"index": i, "message": {"role": "assistant", "content": o.text}, "finish_reason": finish}
+                    if budget is not None:
+                        choice.update(thinking_tokens=o.thinking_tokens, waits=o.waits, forced_stop=o.forced_stop)
+                    elif logprobs:
+                        choice["logprobs"] = logprobs_content(eng.tokenizer, o.token_ids, o.logprobs)
+                    choices.append(choice)
+                tokens = sum(len(o.token_ids) if budget is None else
+                             len(eng.tokenizer(o.text, add_special_tokens=False)["input_ids"]) for o in outs)
+                usage = {"completion_tokens": tokens, "prompt_tokens": 0, "total_tokens": tokens}
+                if not stream:
+                    self._send(200, {**head, "object": "chat.completion", "choices": choices, "usage": usage})
+                    return
+                for c in choices:  # what the tokens did not carry (a stop string's cut, budget forcing: all)
+                    text = c["message"]["content"]
+                    rest = text[len(streamed[c["index"]]):] if text.startswith(streamed[c["index"]]) else ""
+                    extra = {k: c[k] for k in ("thinking_tokens", "waits", "forced_stop", "logprobs") if k in c}
+                    event([{"index": c["index"], "delta": {"content": rest} if rest else {},
+                            "finish_reason": c["finish_reason"], **extra}])
+                event([], usage=usage)
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):  # the client left mid-stream
+                self.close_connection = True
+
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
@@ -212,14 +312,56 @@ def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 80
     return server
 
 
-def serve(model_path: str, host: str, port: int, batch_size: int = 8, name: str | None = None,
-          engine: str = "transformers", accept_weights: bool = False) -> None:
+def models_of_run(run_dir: str) -> dict[str, str]:
+    """``{name: model directory}`` of a ``posttrain run`` / ``posttrain demo`` output: ``base`` (the first
+    training stage's starting model) and every stage that wrote a model, in the run's order."""
+    from pathlib import Path
+
+    from posttrain.errors import UserError
+
+    stages_file = Path(run_dir) / "stages.json"
+    if not stages_file.is_file():
+        raise UserError(f"--run {run_dir}: no stages.json (the output directory of posttrain run or posttrain demo)")
+    out: dict[str, str] = {}
+    for st in json.loads(stages_file.read_text()):
+        model_dir = Path(st.get("output_dir", ""))
+        if not (model_dir / "config.json").is_file():
+            continue
+        if not out and (model_dir / "manifest.json").is_file():
+            start = json.loads((model_dir / "manifest.json").read_text()).get("config", {}).get("model")
+            if start:
+                out["base"] = start
+        out[st["stage"]] = str(model_dir)
+    if not out:
+        raise UserError(f"--run {run_dir}: no stage of it wrote a model")
+    return out
+
+
+def parse_models(specs: list[str], run: str | None = None) -> dict[str, str]:
+    """``--model DIR`` / ``--model NAME=DIR`` (repeatable) and ``--run RUN_DIR`` -> ``{name: path}``."""
+    from posttrain.errors import UserError
+
+    out = models_of_run(run) if run else {}
+    for spec in specs:
+        name, _, path = spec.partition("=") if "=" in spec and not spec.startswith(("/", ".")) else (spec, "", spec)
+        if name in out:
+            raise UserError(f"--model {spec}: the name {name!r} is given twice")
+        out[name] = path or name
+    if not out:
+        raise UserError("give --model DIR (or NAME=DIR, repeatable) or --run RUN_DIR")
+    return out
+
+
+def serve(models: dict[str, str], host: str, port: int, batch_size: int = 8, engine: str = "transformers",
+          accept_weights: bool = False) -> None:
+    """Serve ``{name: model path}`` (the first is the default model)."""
     from posttrain.inference.open import local_engine
     from posttrain.util import log
 
-    server = make_server(local_engine(model_path, engine, batch_size), name or model_path, host, port,
-                         accept_weights=accept_weights)
-    log(f"serving {model_path} as {name or model_path!r} ({engine}) on http://{host}:{server.server_address[1]}/v1"
+    engines = {name: local_engine(path, engine, batch_size) for name, path in models.items()}
+    server = make_server(engines, host=host, port=port, accept_weights=accept_weights)
+    url = f"http://{host}:{server.server_address[1]}"
+    log(f"serving {', '.join(f'{n} ({p})' for n, p in models.items())} with the {engine} engine on {url}/v1"
         + (" and the rollout routes /posttrain/*" if engine == "vllm" else ""))
     try:
         server.serve_forever()

@@ -2,6 +2,9 @@
 ``/v1/models``), for people, judges, synthetic data and ``OpenAIEngine`` tests; with ``--engine vllm``
 also a rollout server for RLVR's ``vllm_servers`` (posttrain.inference.vllm_servers).
 
+``GET /`` is a chat page (``web/chat.html``: streaming replies, system prompt, sampling and
+budget-forcing controls, 1-4 models side by side, markdown and code rendered, export as JSON).
+
 Several models can be served at once (``{name: engine}``); a request names one in ``model`` (one
 served model answers whatever name is asked). Requests run one at a time per model (the ``TransformersEngine``
 or ``VLLMEngine``), each in its own thread: concurrent clients wait for the model, never share a batch.
@@ -37,10 +40,12 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from posttrain.inference.engine import SamplingParams
 
 ROLLOUT_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "stop")
+CHAT_PAGE = Path(__file__).parent / "web" / "chat.html"  # one static file: no build step, nothing from the network
 BUDGET_NUMBERS = ("max_thinking_tokens", "min_thinking_tokens", "num_wait")
 BUDGET_STRINGS = ("think_start", "think_end", "wait", "answer_prefix")
 
@@ -153,7 +158,14 @@ def make_server(engine, model_name: str | None = None, host: str = "127.0.0.1", 
                 self.close_connection = True
 
         def do_GET(self):
-            if self.path.rstrip("/") == "/health":
+            if self.path.split("?")[0] in ("/", "/chat", "/index.html"):  # the chat page
+                data = CHAT_PAGE.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            elif self.path.rstrip("/") == "/health":
                 self._send(200, {"model": model_name, "engine": type(engine).__name__, "vocab_size": vocab_size,
                                  "weights_version": served["weights_version"], "rollouts": rollouts})
             elif self.path.rstrip("/") == "/v1/models":
@@ -315,8 +327,6 @@ def make_server(engine, model_name: str | None = None, host: str = "127.0.0.1", 
 def models_of_run(run_dir: str) -> dict[str, str]:
     """``{name: model directory}`` of a ``posttrain run`` / ``posttrain demo`` output: ``base`` (the first
     training stage's starting model) and every stage that wrote a model, in the run's order."""
-    from pathlib import Path
-
     from posttrain.errors import UserError
 
     stages_file = Path(run_dir) / "stages.json"

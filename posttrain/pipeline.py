@@ -31,7 +31,6 @@ wait, and process 0 alone writes the state files, ``stages.json`` and the report
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from posttrain.atomic import write_json, write_text
 from posttrain.config import read_yaml, semantic, world_size
 from posttrain.errors import UserError
 from posttrain.stages import STAGES as TRAINING_STAGES
+from posttrain.report import write_report
 from posttrain.util import log
 
 TRAINING = tuple(TRAINING_STAGES)
@@ -217,66 +217,3 @@ def _evaluate(kind: str, config: dict, out: Path, fresh: bool, model: str | None
     return {"results": got}
 
 
-def write_report(root: Path, recipe: dict, summary: list[dict]) -> None:
-    """report.md and report.html: per stage its time, key metrics, model and data licenses, and loss (and
-    RL reward) curves."""
-    from posttrain.eval import plots
-
-    licenses: dict[str, set] = {}
-    models: dict[str, str] = {}  # the license of each training stage's starting model
-    lines = ["# Run report", "", "| stage | kind | skipped | seconds | key results |", "|---|---|---|---|---|"]
-    images = []
-    for entry in summary:
-        out = Path(entry["output_dir"])
-        key = ""
-        if "metrics" in entry:
-            m = entry["metrics"]
-            key = ", ".join(f"{k} {v:.4g}" for k, v in m.items()
-                            if isinstance(v, float) and (k == "loss" or k.startswith("eval/")))
-            manifest = out / "manifest.json"
-            if manifest.is_file():
-                made = json.loads(manifest.read_text())
-                models[entry["stage"]] = made.get("model_license", "unknown")
-                for d in made.get("data", []):
-                    licenses.setdefault(str(d.get("license") or "unknown"), set()).add(d.get("path"))
-            metrics = out / "metrics.jsonl"
-            if metrics.is_file():
-                rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-                for name in ("loss", "reward"):  # RL stages: the mean reward per completion too
-                    pts = [(r["step"], r[name]) for r in rows if name in r]
-                    if pts:
-                        fig, ax = plots.figure((5, 3))
-                        ax.plot(*zip(*pts))
-                        ax.set_xlabel("step")
-                        ax.set_ylabel(name)
-                        ax.set_title(entry["stage"])
-                        ax.grid(alpha=0.3)
-                        plots.save(fig, root / f"{name}-{entry['stage']}.png")
-                        images.append(f"{name}-{entry['stage']}.png")
-        elif isinstance(entry.get("results"), dict):
-            res = entry["results"]
-            key = "; ".join(f"{t}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float))
-                            if isinstance(r, dict) else f"{t} {r}" for t, r in res.items())
-        lines.append(f"| {entry['stage']} | {entry['kind']} | {entry['skipped']} | {entry['seconds']} | {key} |")
-    lines += ["", "## Contamination (training records against evaluation items, manifest.json)", "",
-              "| stage | checked against | flagged |", "|---|---|---|"]
-    for entry in summary:
-        manifest = Path(entry["output_dir"]) / "manifest.json"
-        if "metrics" not in entry or not manifest.is_file():
-            continue
-        c = json.loads(manifest.read_text()).get("contamination") or {}
-        against = ", ".join(f"{t} ({n})" for t, n in c.get("against", {}).items()) or "nothing available"
-        if c.get("unavailable"):
-            against += "; unavailable: " + ", ".join(c["unavailable"])
-        flagged = ", ".join(f"{t}: {r['flagged']} of {c['records']}" for t, r in c.get("tasks", {}).items()) or "-"
-        lines.append(f"| {entry['stage']} | {'off' if c.get('checked') is False else against} | {flagged} |")
-    lines += ["", "## Model license (of the model each training stage started from)", ""]
-    lines += [f"- {stage}: {lic}" for stage, lic in models.items()]
-    lines += ["", "## Data licenses", ""]
-    lines += [f"- {lic}: {', '.join(sorted(map(str, paths)))}" for lic, paths in sorted(licenses.items())]
-    lines += [""] + [f"![{img}]({img})" for img in images]
-    text = "\n".join(lines) + "\n"
-    write_text(root / "report.md", text)
-    pictures = "".join(f'<p><img src="{html.escape(img)}" alt="{html.escape(img)}"></p>' for img in images)
-    write_text(root / "report.html", "<!doctype html><html><head><meta charset='utf-8'><title>posttrain run report</title>"
-               f"</head><body><pre>{html.escape(text)}</pre>{pictures}</body></html>\n")

@@ -4,6 +4,7 @@ streamed answer, the budget-forcing controls changing the answer, the export, no
 
 ``POSTTRAIN_SCREENSHOTS=1`` also writes the page's screenshot to ``docs/images/chat.png``."""
 
+import json
 import os
 import shutil
 import threading
@@ -24,23 +25,36 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian'
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory, addition_sft_model):
+def driver():
     webdriver = pytest.importorskip("selenium.webdriver")
-    thinker = thinker_model(tmp_path_factory.mktemp("browser-think"))
-    engines = {name: TransformersEngine(load_model(path), load_tokenizer(path), batch_size=8)
-               for name, path in (("thinker", thinker), ("adder", addition_sft_model))}
-    server = make_server(engines, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    chrome = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    yield chrome
+    chrome.quit()
+
+
+@pytest.fixture(scope="module")
+def page(driver, tmp_path_factory, addition_sft_model):
+    thinker = thinker_model(tmp_path_factory.mktemp("browser-think"))
+    engines = {name: TransformersEngine(load_model(path), load_tokenizer(path), batch_size=8)
+               for name, path in (("thinker", thinker), ("adder", addition_sft_model))}
+    server = make_server(engines, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
     yield driver
-    driver.quit()
     server.shutdown()
+
+
+def screenshot(driver, name: str) -> bytes:
+    shot = driver.get_screenshot_as_png()
+    if os.environ.get("POSTTRAIN_SCREENSHOTS"):
+        (ROOT / "docs" / "images").mkdir(exist_ok=True)
+        (ROOT / "docs" / "images" / name).write_bytes(shot)
+    return shot
 
 
 def wait_for(driver, condition, timeout=60.0):
@@ -105,8 +119,54 @@ def test_chat_page_streams_compares_and_applies_budget_forcing(page):
 
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []
-    shot = driver.get_screenshot_as_png()
-    assert shot[:4] == b"\x89PNG"
-    if os.environ.get("POSTTRAIN_SCREENSHOTS"):
-        (ROOT / "docs" / "images").mkdir(exist_ok=True)
-        (ROOT / "docs" / "images" / "chat.png").write_bytes(shot)
+    assert screenshot(driver, "chat.png")[:4] == b"\x89PNG"
+
+
+def fake_run(root: Path) -> tuple[dict, list[dict]]:
+    """A run's outputs as posttrain run leaves them: SFT (loss), RLVR (reward, verified, KL, length),
+    two evaluations and an evaluation over checkpoints."""
+    summary, stages = [], []
+    for i, (name, kind) in enumerate((("eval-base", "eval"), ("sft", "sft"), ("eval-sft", "eval"), ("rlvr", "rlvr"),
+                                      ("eval-rlvr", "eval"))):
+        out = root / name
+        out.mkdir(parents=True)
+        entry = {"stage": name, "kind": kind, "output_dir": str(out), "skipped": False, "seconds": 10.0 + i}
+        if kind == "eval":
+            entry["results"] = {"gsm8k": {"accuracy": [0.1, 0.3, 0.45][i // 2], "instances": 100}}
+        else:
+            rl = kind == "rlvr"
+            rows = [{"step": s, **({"reward": 0.2 + 0.05 * s, "verified": 0.1 * s, "kl": 0.01 * s,
+                                    "completion_tokens": 40 - s} if rl else {"loss": 2.0 / s})} for s in range(1, 8)]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            entry["metrics"] = {"loss": 0.5, "num_input_tokens_seen": 12345, **({"reward": 0.55} if rl else {})}
+            (out / "manifest.json").write_text(json.dumps({
+                "model_license": "apache-2.0", "data": [{"path": f"data/{name}.jsonl", "license": "MIT"}],
+                "contamination": {"against": {"gsm8k": 100}, "records": 50, "tasks": {"gsm8k": {"flagged": 1}}}}))
+        summary.append(entry)
+        stages.append({"name": name, "stage": kind, "config": {"learning_rate": 1e-5} if kind != "eval" else {"limit": 100}})
+    from posttrain.eval import plots
+
+    fig, ax = plots.figure()
+    ax.plot([1, 2], [0.3, 0.4])
+    plots.save(fig, root / "eval-rlvr" / "curve.png")
+    return {"output_dir": str(root), "stages": stages}, summary
+
+
+def test_run_report_is_a_page_with_tables_curves_and_folded_configs(driver, tmp_path):
+    from posttrain.report import write_report
+
+    recipe, summary = fake_run(tmp_path / "run")
+    write_report(tmp_path / "run", recipe, summary)
+    driver.get((tmp_path / "run" / "report.html").as_uri())
+    wait_for(driver, "return document.readyState === 'complete'")
+    images = driver.execute_script("return [...document.images].map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+    assert images == [["loss-sft.png", True], ["rl-rlvr.png", True], ["eval-curve-eval-rlvr.png", True]]
+    headings = [h.text for h in driver.find_elements("css selector", "h2")]
+    assert headings == ["Stages", "Curves and configs", "Contamination", "Licenses"]
+    cells = driver.execute_script("return [...document.querySelectorAll('table')[0].rows].slice(1).map(r => [...r.cells].map(c => c.innerText))")
+    assert [c[0] for c in cells] == ["eval-base", "sft", "eval-sft", "rlvr", "eval-rlvr"]
+    assert cells[2][3] == "+0.200" and cells[4][3] == "+0.150" and cells[1][4] == "12,345"
+    assert "# Run report" not in driver.find_element("tag name", "body").text  # rendered, not markdown
+    assert len(driver.find_elements("css selector", "details")) == 5
+    assert "learning_rate" in driver.execute_script("return document.querySelectorAll('details pre')[1].textContent")
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []

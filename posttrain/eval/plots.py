@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def figure(size=(6, 4)):
+def figure(size=(6, 4), ncols: int = 1):
+    """A figure and its axes (one, or an array of ``ncols`` side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=size)
+    return plt.subplots(1, ncols, figsize=size)
 
 
 def save(fig, path: Path) -> None:

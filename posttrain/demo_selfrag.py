@@ -40,7 +40,8 @@ SFT = {"chat_template": "tulu", "max_seq_length": 256, "packing": True, "per_dev
 PEOPLE = 1500  # generated people (and a quarter as many cities, companies, rivers)
 NEGATIVES = 0.25  # share of records also shown with an irrelevant passage: relevance must be judged
 EVAL_PER_KIND = 100  # held-out questions of each kind evaluated (the first, in a seeded order)
-TINY = {"vocab_size": 600, "hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4}
+# 3 layers: 4 reached 0.78 in 327 s; 3 reached 0.81 in 276 s (copying emerged no later; measured)
+TINY = {"vocab_size": 600, "hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 4}
 
 
 def target(q: dict) -> str:

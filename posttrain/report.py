@@ -79,8 +79,7 @@ def curves(root: Path, entry: dict) -> list[str]:
     if "metrics" in entry and metrics.is_file():
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         rl = any("reward" in r for r in rows)
-        panels = [(k, label) for k, label in RL_CURVES if any(k in r for r in rows)] if rl else [("loss", "loss")]
-        panels = [(k, label) for k, label in panels if any(k in r for r in rows)]
+        panels = [(k, label) for k, label in (RL_CURVES if rl else [("loss", "loss")]) if any(k in r for r in rows)]
         if panels:
             fig, axes = plots.figure((4.2 * len(panels), 3), ncols=len(panels))
             for ax, (k, label) in zip(axes if len(panels) > 1 else [axes], panels):

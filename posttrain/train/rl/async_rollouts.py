@@ -142,9 +142,7 @@ class AheadRollouts:
     def result(self, step: int) -> tuple[list[Completion], dict]:
         """The completions of ``step`` (waiting for them) and the timeline entries to log."""
         t = time.time()
-        while step not in self.done:
-            got_step, completions, seconds = self.worker.next_result()
-            self.done[got_step] = (completions, seconds)
+        self._collect([step])
         waited = time.time() - t
         completions, seconds = self.done.pop(step)
         version = self.submitted.pop(step)
@@ -153,11 +151,15 @@ class AheadRollouts:
 
     def state(self, steps: range) -> dict:
         """The finished completions of ``steps`` (waited for), for a checkpoint."""
-        while any(s not in self.done for s in steps if s in self.submitted):
-            got_step, completions, seconds = self.worker.next_result()
-            self.done[got_step] = (completions, seconds)
+        self._collect([s for s in steps if s in self.submitted])
         return {str(s): {"version": self.submitted[s], "seconds": self.done[s][1],
                          "completions": [asdict(c) for c in self.done[s][0]]} for s in steps if s in self.submitted}
+
+    def _collect(self, steps: list[int]) -> None:
+        """Take the worker's results (in submission order) until every one of ``steps`` is done."""
+        while any(s not in self.done for s in steps):
+            got_step, completions, seconds = self.worker.next_result()
+            self.done[got_step] = (completions, seconds)
 
     def load_state(self, state: dict) -> None:
         for s, entry in state.items():

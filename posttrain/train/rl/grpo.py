@@ -54,16 +54,22 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def sequence_means(values: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, T]``: at every token, the mean of ``values`` over the masked tokens of its completion (one
-    completion per row, or ``seq_index`` naming each token's completion); arbitrary where unmasked."""
-    m = mask.to(values.dtype)
-    if seq_index is None:
-        return ((values * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)).expand_as(values)
+def sequence_sums(values: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per completion named by ``seq_index``: the sum of ``values`` over its masked tokens, and their count."""
     n = max(int(seq_index.max()) + 1 if seq_index.numel() else 0, 1)
     ids = seq_index[mask]
     sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, ids, values[mask])
-    counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, ids, m[mask])
+    counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, ids, mask.to(values.dtype)[mask])
+    return sums, counts
+
+
+def sequence_means(values: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]``: at every token, the mean of ``values`` over the masked tokens of its completion (one
+    completion per row, or ``seq_index`` naming each token's completion); arbitrary where unmasked."""
+    if seq_index is None:
+        m = mask.to(values.dtype)
+        return ((values * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)).expand_as(values)
+    sums, counts = sequence_sums(values, mask, seq_index)
     return (sums / counts.clamp(min=1))[seq_index.clamp(min=0)]
 
 
@@ -115,10 +121,7 @@ def aggregate(losses: torch.Tensor, mask: torch.Tensor, loss_type: str, max_comp
         return (losses * m).sum() / max_completion_length, COUNTS[loss_type]
     if seq_index is None:
         return ((losses * m).sum(1) / m.sum(1).clamp(min=1)).sum(), COUNTS[loss_type]
-    ids = seq_index[mask]
-    n = int(ids.max()) + 1 if ids.numel() else 0
-    sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, ids, losses[mask])
-    counts = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, ids, m[mask])
+    sums, counts = sequence_sums(losses, mask, seq_index)
     return (sums[counts > 0] / counts[counts > 0]).sum(), COUNTS[loss_type]
 
 

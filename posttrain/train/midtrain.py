@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def tokenize_source(src, tokenizer, out_dir: Path, chunk: int = 1024) -> Path:
     if path.is_file():
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # every process of a run may write it: its own file
     eos = tokenizer.eos_token_id
     with open(tmp, "wb") as f:
         batch: list[str] = []

@@ -401,3 +401,13 @@ def test_onpolicy_pairs_take_best_against_worst_by_margin():
                                            ['"no commas here"', "no commas"]], "m")[1]["too_close"] == 1
     with pytest.raises(UserError, match="min_margin"):
         pair_completions(records, outs, "m", min_margin=0)
+    # reject_unfinished: a cut-off reply scores 0 and may be the rejected side; it is never chosen ("3+3?":
+    # its correct reply was cut off, so all wrong); a text that also finished keeps its finished score
+    pairs, stats = pair_completions(records, outs, "onpolicy:m", min_margin=1.0, reject_unfinished=True)
+    assert [(p["prompt"][0]["content"], p["chosen"][0]["content"], p["scores"]) for p in pairs] == [
+        ("2+2?", "#### 4", [1.0, 0.0]), ("hi", '"no commas here"', [1.0, 0.0])]
+    assert stats == {"prompts": 4, "pairs": 2, "all_correct": 1, "all_wrong": 1, "too_close": 0}
+    assert {p["rejected"][0]["content"] for p in pairs} <= {"#### 5", "a, b", "a, b, c"}
+    cut = [Completion(text=t, token_ids=[], finish_reason=f, prompt_index=0) for t, f in [("#### 4", "stop"), ("4 4 4 4", "length")]]
+    assert pair_completions(records[:1], cut, "m", reject_unfinished=True)[0][0]["rejected"][0]["content"] == "4 4 4 4"
+    assert pair_completions(records[:1], cut, "m")[1]["all_correct"] == 1

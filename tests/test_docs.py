@@ -199,5 +199,5 @@ def test_layers_and_names():
                 defined.setdefault(node.name, []).append(str(path.relative_to(package)))
     for name in ("collate", "model_fingerprint", "resolve", "log"):
         assert len(defined.get(name, [])) <= 1, (name, defined.get(name))
-    calls = [p for p in package.rglob("*.py") if "backward(" in p.read_text()]
+    calls = [p for p in package.rglob("*.py") if ".backward(" in p.read_text()]
     assert [str(p.relative_to(package)) for p in calls] == ["train/loop.py"]  # one training loop

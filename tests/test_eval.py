@@ -108,8 +108,8 @@ def test_eval_renders_prompts_with_a_chosen_chat_template(sft_model, tmp_path, m
     assert seen[0] != chat.CHATML and seen[1] == chat.CHATML
     config = json.loads((tmp_path / "b" / "results.json").read_text())["config"]
     assert config["chat_template"] == "chatml" and config["model_license"] == "unknown"
-    with pytest.raises(UserError, match="chat_template: only for a local model on the transformers engine"):
-        evaluate(str(sft_model), ["gsm8k"], tmp_path / "c", data={"gsm8k": GSM8K}, engine="vllm", chat_template="chatml")
+    with pytest.raises(UserError, match="chat_template: only for a local model"):
+        evaluate("openai:m@http://127.0.0.1:9", ["gsm8k"], tmp_path / "c", data={"gsm8k": GSM8K}, chat_template="chatml")
 
 
 def test_multiple_choice_picks_the_most_likely_option(sft_model, tmp_path):

@@ -140,6 +140,10 @@ def test_real_model_recipes_run_a_few_steps_on_a_tiny_stand_in(name, tmp_path, t
         n = s["name"]
         if "model" in s["config"]:
             overrides.append(f"{n}.model={tiny_model_dir}")
+        if s["config"].get("engine") == "vllm":  # vLLM is the optional extra (test_vllm.py covers it)
+            overrides.append(f"{n}.engine=transformers")
+        if s["config"].get("init_embeddings_from"):  # Gemma's token names; the stand-in's vocabulary has others
+            overrides.append(f"{n}.init_embeddings_from={{'<pad>': '</s>'}}")
         if s["stage"] == "dpo" and "pairs.jsonl" in s["config"]["datasets"][0]["path"]:
             # a tiny random model's 8-token samples never finish, so its on-policy stage pairs nothing
             pairs = write_jsonl(tmp_path / "pairs.jsonl", [

@@ -78,6 +78,65 @@ def test_chunked_head_gives_the_unchunked_values_and_gradients(tiny_model_dir, m
     assert max_diff(chunked_grads, whole_grads) <= 1e-12
 
 
+@pytest.mark.parametrize("tokens_a_chunk", [7, None])
+def test_a_frozen_head_gives_the_models_own_values_and_gradients(tiny_model_dir, monkeypatch, tokens_a_chunk):
+    """With the head frozen (freeze_embeddings), FrozenHeadLogProbs computes the hidden states'
+    gradient in the forward pass. Reference: transformers' own full logits, log-softmax at temperature
+    0.7 and autograd, in float64; they agree to rounding (1e-12 of the gradient's scale)."""
+    from posttrain.inference import logprobs
+
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir)).double()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    batch = collate(packing.unpacked(samples_for(tok, multi_turn_records(6))), tok.pad_token_id)
+    weight = torch.linspace(0.5, 1.5, batch["labels"][:, 1:].numel(), dtype=torch.float64).view(batch["labels"][:, 1:].shape)
+    if tokens_a_chunk:
+        monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", tokens_a_chunk * model.get_output_embeddings().weight.shape[0])
+        assert batch["num_tokens"] > tokens_a_chunk * 3
+    calls = []
+    monkeypatch.setattr(logprobs.FrozenHeadLogProbs, "apply", lambda *a, f=logprobs.FrozenHeadLogProbs.apply: calls.append(1) or f(*a))
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        return out
+
+    fused = TokenLogProbs(model, temperature=0.7)(batch["input_ids"], batch["position_ids"], batch["labels"])
+    (fused * weight).sum().backward()
+    fused_grads = grads()
+    assert calls == [1]
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[:, :-1] / 0.7
+    target = batch["labels"][:, 1:]
+    sel = target != -100
+    ref = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0] * sel
+    (ref * weight).sum().backward()
+    ref_grads = grads()
+    assert float((fused - ref).detach().abs().max()) <= 1e-12
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    assert set(fused_grads) == set(ref_grads) and "model.embed_tokens.weight" not in fused_grads
+    assert max_diff(fused_grads, ref_grads) <= 1e-12 * scale
+
+
+def test_freeze_embeddings_trains_everything_but_the_embeddings(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", addition_records(40))
+    res = sft(tmp_path, tiny_model_dir, data, packing=True, freeze_embeddings=True, save_steps=2)
+    trained, base = weights(res.output_dir), weights(tiny_model_dir)
+    unmoved = {k for k in base if torch.equal(trained[k], base[k])}
+    assert unmoved == {"model.embed_tokens.weight"}
+    losses = [json.loads(x)["loss"] for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    # a row copied before training, then kept (frozen): the saved model has it
+    res = sft(tmp_path, tiny_model_dir, data, "copied", freeze_embeddings=True, init_embeddings_from={"<pad>": "</s>"})
+    tok, emb = load_tokenizer(str(tiny_model_dir)), weights(res.output_dir)["model.embed_tokens.weight"]
+    pad, eos = tok.convert_tokens_to_ids("<pad>"), tok.convert_tokens_to_ids("</s>")
+    assert torch.equal(emb[pad], emb[eos]) and not torch.equal(base["model.embed_tokens.weight"][pad], emb[pad])
+    with pytest.raises(UserError, match="init_embeddings_from: '<nope>' is not a token of the vocabulary"):
+        sft(tmp_path, tiny_model_dir, data, "d", init_embeddings_from={"<nope>": "</s>"})
+    with pytest.raises(UserError, match="add_tokens needs trained embeddings"):
+        sft(tmp_path, tiny_model_dir, data, "b", freeze_embeddings=True, add_tokens=["<x>"])
+    with pytest.raises(UserError, match="freeze_embeddings with parallel: fsdp"):
+        sft(tmp_path, tiny_model_dir, data, "c", freeze_embeddings=True, parallel="fsdp")
+
+
 def test_packed_loss_equals_unpacked_loss(tiny_model_dir):
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     samples = samples_for(tok, multi_turn_records(12) + addition_records(12))

@@ -92,6 +92,17 @@ def test_budget_forcing_gives_the_same_token_counts_as_the_transformers_engine(t
             f.forced_stop for f in ours]
 
 
+def logprob_gap(engine, model, prompts, completion) -> float:
+    """The largest gap between the engine's log-probs of its completion and our forward's."""
+    prompt = engine.encode(prompts[completion.prompt_index])
+    ids = torch.tensor([prompt + completion.token_ids])
+    labels = ids.clone()
+    labels[:, :len(prompt)] = -100
+    with torch.no_grad():
+        logp = TokenLogProbs(model)(ids, torch.arange(ids.shape[1])[None], labels)[0, len(prompt) - 1:]
+    return max(abs(x - y) for x, y in zip(completion.logprobs, logp.tolist()))
+
+
 def test_a_weight_push_reaches_the_engine(thinker):
     """Change the weights, push them (no checkpoint written): vLLM's log-probs of its own greedy
     completions equal the changed model's forward; push the originals back: the old outputs return."""
@@ -107,13 +118,7 @@ def test_a_weight_push_reaches_the_engine(thinker):
     assert [a.token_ids for a in after] != [b.token_ids for b in before]
     tok = thinker["local"].tokenizer
     for c in after:
-        prompt = engine.encode(prompts[c.prompt_index])
-        ids = torch.tensor([prompt + c.token_ids])
-        labels = ids.clone()
-        labels[:, :len(prompt)] = -100
-        with torch.no_grad():
-            logp = TokenLogProbs(model)(ids, torch.arange(ids.shape[1])[None], labels)[0, len(prompt) - 1:]
-        assert max(abs(x - y) for x, y in zip(c.logprobs, logp.tolist())) <= 1e-3, tok.decode(c.token_ids)
+        assert logprob_gap(engine, model, prompts, c) <= 1e-3, tok.decode(c.token_ids)
     engine.load_weights(load_model(thinker["path"]))
     again = engine.generate(prompts, SamplingParams(max_new_tokens=12))
     assert [a.token_ids for a in again] == [b.token_ids for b in before]
@@ -301,3 +306,55 @@ def test_a_data_command_through_vllm_matches_the_transformers_engine(thinker, tm
         texts[name] = [r["solutions"][0]["text"] for r in records]
     assert len(texts["vllm"]) == 12
     assert sum(a == b for a, b in zip(texts["vllm"], texts["local"])) >= 0.9 * 12, texts
+
+
+def test_eval_with_a_chat_template_on_vllm_matches_the_transformers_engine(thinker, tmp_path, monkeypatch):
+    """``posttrain eval --engine vllm --chat-template chatml`` (a base model evaluated in its successors'
+    format): vLLM is given prompts rendered with that template, and greedy outputs equal the
+    transformers engine's on >= 90%."""
+    from conftest import write_jsonl
+
+    from posttrain.data import chat
+    from posttrain.eval import runner
+
+    data = write_jsonl(tmp_path / "g.jsonl", [{"question": f"What is {a} plus {a + 3}?", "answer": f"#### {2 * a + 3}"}
+                                              for a in range(8)])
+    engines, real = [], runner.local_engine
+    monkeypatch.setattr(runner, "local_engine", lambda *a, **k: engines.append(real(*a, **k)) or engines[-1])
+    outs = {}
+    for kind in ("vllm", "transformers"):
+        runner.evaluate(thinker["path"], ["gsm8k"], tmp_path / kind, data={"gsm8k": str(data)}, engine=kind,
+                        chat_template="chatml", max_new_tokens=24)
+        outs[kind] = [json.loads(x)["output"] for x in (tmp_path / kind / "samples.jsonl").read_text().splitlines()]
+    assert engines[0].tokenizer.chat_template == chat.CHATML
+    assert len(outs["vllm"]) == 8
+    assert sum(a == b for a, b in zip(outs["vllm"], outs["transformers"])) >= 0.9 * 8, outs
+
+
+def test_a_gemma3_stand_in_generates_and_takes_weight_pushes(tmp_path):
+    """The ``gemma3-270m`` alias's family on vLLM (sliding-window and global layers, tied and scaled
+    embeddings), with a tiny stand-in of head_dim 64: its log-probs of its own completions equal our
+    forward's, before and after a weight push (the RLVR engine's path)."""
+    from conftest import addition_records
+
+    from posttrain.inference.vllm_engine import VLLMEngine
+    from posttrain.models import build_tiny
+
+    path = tmp_path / "gemma3"
+    model, _ = build_tiny(path, [json.dumps(r) for r in addition_records(60)], vocab_size=300, hidden_size=128,
+                          num_layers=2, num_heads=2, num_kv_heads=1, arch="gemma3", seed=1)
+    engine = VLLMEngine(str(path), seed=0)
+    prompts = [r["messages"][:1] for r in addition_records(4)]
+
+    def check(model):
+        for c in engine.generate(prompts, SamplingParams(max_new_tokens=24)):  # past the 16-token sliding window
+            assert len(c.token_ids) > 0
+            assert logprob_gap(engine, model, prompts, c) <= 1e-3
+
+    check(model.eval())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    engine.load_weights(model)
+    check(model)

@@ -113,12 +113,12 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
     ``max_new_tokens`` caps every generating task (default: each task's own); ``engine``:
     ``transformers`` or ``vllm`` for a local model; ``chat_template``: render prompts with this
     template (a built-in name or Jinja) instead of the tokenizer's own, e.g. a base model evaluated in
-    the format its fine-tuned successors will use (transformers engine only)."""
+    the format its fine-tuned successors will use (a local model, either engine)."""
     tasks = resolve_tasks(task_names)
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if chat_template and (engine != "transformers" or str(model_path).startswith("openai:")):
-        raise UserError("chat_template: only for a local model on the transformers engine")
+    if chat_template and str(model_path).startswith("openai:"):
+        raise UserError("chat_template: only for a local model (an endpoint renders its own prompts)")
     kind, engine = engine, None
     data = data or {}
     for name in data:
@@ -148,6 +148,9 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
         if any(t.kind == "loglikelihood" for t in tasks):
             model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
         engine = local_engine(str(model_path), "vllm", batch_size)
+        for tok in (engine.tokenizer, tokenizer) if chat_template else ():
+            if tok is not None:  # vLLM is given token ids rendered with the engine's tokenizer
+                chat.apply_template(tok, chat.resolve_template(tok, chat_template)[0])
     else:
         model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
         if chat_template:

@@ -10,7 +10,10 @@ A large vocabulary (Gemma 3: 262,144 entries) makes the ``[tokens, vocab]`` logi
 of a step (1 GB per 1,000 tokens in float32, three times over with the softmax and its gradient).
 Past ``CHUNK_ELEMENTS`` logits the head and cross-entropy run over chunks of tokens, each under
 activation checkpointing, so at most one chunk's logits exist at a time, forward or backward; the
-values are those of the unchunked computation.
+values are those of the unchunked computation. When the head's weight is not trained
+(``freeze_embeddings``), ``FrozenHeadLogProbs`` instead computes each chunk's gradient with respect to
+the hidden states in the forward pass: two matmuls a chunk instead of three (forward, recomputation,
+input gradient), and ``[tokens, hidden]`` kept for the backward pass.
 
 Rows come from ``collate``: padding-free, ``position_ids`` restart at 0 for every packed sample and
 for the padding at the end of a row, so no token attends across samples or into padding.
@@ -101,7 +104,10 @@ class TokenLogProbs(nn.Module):
         wanted = target[sel]
         vocab = head.weight.shape[0] if head is not None else picked.shape[-1]
         chunk = max(1, CHUNK_ELEMENTS // vocab)
-        if head is None or picked.shape[0] <= chunk:
+        if (head is not None and not head.weight.requires_grad and getattr(head, "bias", None) is None
+                and picked.requires_grad and torch.is_grad_enabled()):
+            logp = FrozenHeadLogProbs.apply(picked, head.weight, wanted, self.temperature, chunk)
+        elif head is None or picked.shape[0] <= chunk:
             logp = self._logp(head, picked, wanted)
         else:
             from torch.utils.checkpoint import checkpoint
@@ -118,3 +124,35 @@ class TokenLogProbs(nn.Module):
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return -F.cross_entropy(logits, wanted, reduction="none")
+
+
+class FrozenHeadLogProbs(torch.autograd.Function):
+    """``logp_i = z_i[y_i] - logsumexp(z_i)`` with ``z_i = W h_i / T`` for a fixed head ``W``, and its
+    gradient ``d logp_i / d h_i = W^T (onehot(y_i) - softmax(z_i)) / T``, both computed chunk by chunk
+    in the forward pass; the backward pass scales the stored ``[n, hidden]`` gradients by the
+    incoming ones. The logits are computed once and never kept."""
+
+    @staticmethod
+    def forward(ctx, states: torch.Tensor, weight: torch.Tensor, wanted: torch.Tensor, temperature: float,
+                chunk: int) -> torch.Tensor:
+        logps, grads = [], []
+        for i in range(0, states.shape[0], chunk):
+            logits = states[i:i + chunk] @ weight.T
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            if temperature != 1.0:
+                logits = logits / temperature
+            logp_all = logits.log_softmax(-1)
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            picked = wanted[i:i + chunk]
+            logps.append(logp_all[rows, picked])
+            coef = logp_all.exp_().neg_()  # -softmax, in place of the log-softmax
+            coef[rows, picked] += 1.0
+            grad = coef.to(weight.dtype) @ weight
+            grads.append((grad / temperature if temperature != 1.0 else grad).to(states.dtype))
+        ctx.save_for_backward(torch.cat(grads))
+        return torch.cat(logps)
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor):
+        (grads,) = ctx.saved_tensors
+        return grad_logp.to(grads.dtype)[:, None] * grads, None, None, None, None

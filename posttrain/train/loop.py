@@ -307,6 +307,10 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
     updates = total * source.updates_per_step
     warmup = math.ceil(cfg.warmup_ratio * updates)
 
+    if cfg.freeze_embeddings:  # the input embedding and the output head (the same tensor when tied)
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if emb is not None:
+                emb.weight.requires_grad_(False)
     if cfg.use_peft:
         model = apply_peft(cfg, model)
     if cfg.gradient_checkpointing:

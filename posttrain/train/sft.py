@@ -24,7 +24,7 @@ from posttrain.config import SFTConfig
 from posttrain.data import chat, packing
 from posttrain.data.mixing import mix
 from posttrain.inference.logprobs import TokenLogProbs, collate
-from posttrain.models import add_tokens, load_model, load_tokenizer, resize_embeddings
+from posttrain.models import add_tokens, copy_embedding_rows, load_model, load_tokenizer, resize_embeddings
 from posttrain.rag import selfrag
 from posttrain.train import contamination
 from posttrain.train.loop import Objective, Result, RowSource, finished, train
@@ -104,6 +104,9 @@ def run_sft(cfg: SFTConfig, eval_fn=None) -> Result:
     if added:
         resize_embeddings(model, len(tokenizer))
         log(f"sft: {len(added)} tokens added to the vocabulary ({', '.join(added[:4])}{', ...' if len(added) > 4 else ''})")
+    if cfg.init_embeddings_from:
+        copy_embedding_rows(model, tokenizer, cfg.init_embeddings_from)
+        log("sft: embedding rows copied: " + ", ".join(f"{t} <- {f}" for t, f in cfg.init_embeddings_from.items()))
     torch.manual_seed(cfg.seed)
     return train(cfg, model, tokenizer, RowSource(rows, lambda batch: collate(batch, tokenizer.pad_token_id)),
                  sft_objective(cfg.loss_reduction), stage="sft", data=lineage, data_stats=stats, eval_fn=eval_fn,

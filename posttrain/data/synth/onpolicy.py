@@ -3,8 +3,10 @@ model ``samples`` times per prompt, score each finished completion with the prom
 pair a best-scored completion (chosen) with a worst-scored one (rejected), both drawn with a seeded
 RNG among distinct texts, when the scores differ by at least ``min_margin``. With a 0/1 verifier
 (GSM8K) that is a correct completion against a wrong one; with partial credit (IFEval's share of
-constraints followed) it is the most against the least compliant. Prompts without such a pair are
-counted: all correct, all wrong (or none finished), or too close."""
+constraints followed) it is the most against the least compliant. A completion cut off at
+``max_new_tokens`` is left out, or with ``reject_unfinished`` scores 0 and may be the rejected side (a
+model that does not yet end its replies then learns that a finished, verified reply beats a runaway
+one). Prompts without such a pair are counted: all correct, all wrong (or none finished), or too close."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from posttrain.rewards import get_verifier
 
 
 def pair_completions(records: list[dict], outs: list, source: str, seed: int = 0,
-                     min_margin: float = 1.0) -> tuple[list[dict], dict]:
+                     min_margin: float = 1.0, reject_unfinished: bool = False) -> tuple[list[dict], dict]:
     """``outs``: the engine's completions (``prompt_index``, ``text``, ``finish_reason``)."""
     if not 0 < min_margin <= 1:
         raise UserError(f"onpolicy pairs: min_margin must be in (0, 1], got {min_margin}")
@@ -27,8 +29,12 @@ def pair_completions(records: list[dict], outs: list, source: str, seed: int = 0
     pairs, stats = [], {"prompts": len(records), "pairs": 0, "all_correct": 0, "all_wrong": 0, "too_close": 0}
     for i, rec in enumerate(records):
         verify = get_verifier(rec["verifier"])
-        texts = sorted({o.text for o in by_prompt.get(i, []) if o.finish_reason == "stop" and o.text.strip()})
-        scores = {t: verify(t, rec["ground_truth"]) for t in texts}
+        finished = {o.text for o in by_prompt.get(i, []) if o.finish_reason == "stop" and o.text.strip()}
+        scores = {t: verify(t, rec["ground_truth"]) for t in finished}
+        if reject_unfinished:
+            scores.update({o.text: 0.0 for o in by_prompt.get(i, []) if o.finish_reason != "stop" and o.text.strip()
+                           and o.text not in finished})
+        texts = sorted(scores)
         if not texts or max(scores.values()) == 0:
             stats["all_wrong"] += 1
             continue
@@ -48,10 +54,11 @@ def pair_completions(records: list[dict], outs: list, source: str, seed: int = 0
 
 def onpolicy_pairs(model_dir: str, records: list[dict], samples: int = 8, temperature: float = 1.0,
                    max_new_tokens: int = 128, seed: int = 0, batch_size: int = 64,
-                   engine: str = "transformers", min_margin: float = 1.0) -> tuple[list[dict], dict]:
+                   engine: str = "transformers", min_margin: float = 1.0,
+                   reject_unfinished: bool = False) -> tuple[list[dict], dict]:
     engine = local_engine(model_dir, engine, batch_size)
     engine.progress = "onpolicy pairs"
     outs = engine.generate([r["messages"] for r in records],
                            SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples, seed=seed))
-    pairs, stats = pair_completions(records, outs, f"onpolicy:{model_dir}", seed, min_margin)
+    pairs, stats = pair_completions(records, outs, f"onpolicy:{model_dir}", seed, min_margin, reject_unfinished)
     return pairs, {**stats, "samples": samples}

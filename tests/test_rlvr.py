@@ -157,8 +157,10 @@ def test_the_gradient_of_a_step_is_the_same_for_any_micro_batch_split(mod2_task,
 
 
 def test_grpo_raises_heldout_accuracy_by_15_points(mod2_task, tmp_path):
+    """240 steps: measured on a CPU with AMX, 120 steps left 2 of 4 seeds (0 and 1) at the starting
+    0.43 (the others reached 0.88); with 240, seeds 0-5 all reached 0.87-0.88."""
     before = heldout_accuracy(mod2_task, mod2_task["sft"])
-    res = run_rlvr(rl_config(mod2_task, tmp_path / "grpo", max_steps=120,
+    res = run_rlvr(rl_config(mod2_task, tmp_path / "grpo", max_steps=240,
                              eval_datasets=[{"path": str(mod2_task["heldout"])}]))
     after = res.metrics["eval/accuracy"]
     assert after == heldout_accuracy(mod2_task, str(tmp_path / "grpo"))

@@ -124,6 +124,9 @@ def run(recipe_path: str | Path, overrides: list[str] = ()) -> list[dict]:
         if entry["skipped"] and s["name"] in before and before[s["name"]].get("chain_hash") == chain:
             entry["seconds"] = before[s["name"]]["seconds"]
         summary.append(entry)
+        if rank == 0:  # after every stage: a run stopped later keeps the times of the stages it finished
+            done = {e["stage"] for e in summary}
+            write_json(root / "stages.json", summary + [e for name, e in before.items() if name not in done])
         barrier()
         log(f"run: stage {s['name']} ({s['stage']}) " + ("skipped, already done" if entry["skipped"] else
                                                           f"done in {entry['seconds']} s"))
@@ -131,7 +134,7 @@ def run(recipe_path: str | Path, overrides: list[str] = ()) -> list[dict]:
             model = str(out)
         parent = chain
     if rank == 0:
-        write_json(root / "stages.json", summary)
+        write_json(root / "stages.json", summary)  # the recipe's stages only
         write_report(root, recipe, summary)
     barrier()
     return summary

@@ -59,11 +59,22 @@ def test_stages_run_in_order_skip_and_rerun_downstream(tmp_path, tiny_model_dir)
     assert json.loads((root / "stages.json").read_text())[0]["stage"] == "sft"
     again = run(path)
     assert all(s["skipped"] for s in again)
+    assert [s["seconds"] for s in again] == [s["seconds"] for s in first]  # the time each took when it ran
     only_eval = run(path, ["eval-sft.limit=1"])  # a changed eval: the training stage stays
     assert [s["skipped"] for s in only_eval] == [True, False] and only_eval[1]["results"]["gsm8k"]["instances"] == 1
     changed = run(path, ["sft.learning_rate=1.0e-3", "eval-sft.limit=1"])  # upstream change: both re-run
     assert [s["skipped"] for s in changed] == [False, False]
     assert changed[0]["chain_hash"] != first[0]["chain_hash"] and changed[1]["chain_hash"] != only_eval[1]["chain_hash"]
+
+
+def test_a_failed_stage_keeps_the_times_of_the_stages_before_it(tmp_path, tiny_model_dir):
+    path = recipe(tmp_path, tiny_model_dir)
+    with pytest.raises(UserError, match="missing.jsonl"):
+        run(path, [f"eval-sft.data={{gsm8k: {tmp_path}/missing.jsonl}}"])
+    ran = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert [s["stage"] for s in ran] == ["sft"] and ran[0]["seconds"] > 0
+    again = run(path)
+    assert again[0]["skipped"] and again[0]["seconds"] == ran[0]["seconds"] and not again[1]["skipped"]
 
 
 def test_a_killed_stage_resumes(tmp_path, tiny_model_dir):

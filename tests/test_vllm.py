@@ -33,14 +33,8 @@ def thinker(tmp_path_factory):
 
     path = thinker_model(tmp_path_factory.mktemp("vllm-think"), hidden_size=128, num_heads=2, num_kv_heads=2)
     local = TransformersEngine(load_model(path), load_tokenizer(path), batch_size=16)
-    threads = torch.get_num_threads()
-    return {"path": path, "local": local, "vllm": VLLMEngine(path, seed=0), "threads_before": threads,
+    return {"path": path, "local": local, "vllm": VLLMEngine(path, seed=0),
             "prompts": [r["messages"][:1] for r in thinking_records()[::7]]}
-
-
-def test_an_engine_in_this_process_leaves_torch_threads_as_they_were(thinker):
-    """vLLM drops torch to one thread unless OMP_NUM_THREADS is set; the trainer beside it keeps its own."""
-    assert torch.get_num_threads() == thinker["threads_before"]
 
 
 def test_greedy_text_and_logprobs_agree_with_the_transformers_engine(thinker):
@@ -317,11 +311,7 @@ def test_a_data_command_through_vllm_matches_the_transformers_engine(thinker, tm
 def test_eval_with_a_chat_template_on_vllm_matches_the_transformers_engine(thinker, tmp_path, monkeypatch):
     """``posttrain eval --engine vllm --chat-template chatml`` (a base model evaluated in its successors'
     format): vLLM is given prompts rendered with that template, and greedy outputs equal the
-    transformers engine's on >= 90%. The evaluation frees its vLLM engine when done (vLLM freezes what
-    its engine allocates out of garbage collection, so a dropped engine would stay in memory)."""
-    import gc
-    import weakref
-
+    transformers engine's on >= 90%."""
     from conftest import write_jsonl
 
     from posttrain.data import chat
@@ -329,22 +319,14 @@ def test_eval_with_a_chat_template_on_vllm_matches_the_transformers_engine(think
 
     data = write_jsonl(tmp_path / "g.jsonl", [{"question": f"What is {a} plus {a + 3}?", "answer": f"#### {2 * a + 3}"}
                                               for a in range(8)])
-    engines, llms, real = [], [], runner.local_engine
-
-    def local_engine(*args, **kwargs):
-        engines.append(real(*args, **kwargs))
-        llms.append(weakref.ref(engines[-1].llm))
-        return engines[-1]
-
-    monkeypatch.setattr(runner, "local_engine", local_engine)
+    engines, real = [], runner.local_engine
+    monkeypatch.setattr(runner, "local_engine", lambda *a, **k: engines.append(real(*a, **k)) or engines[-1])
     outs = {}
     for kind in ("vllm", "transformers"):
         runner.evaluate(thinker["path"], ["gsm8k"], tmp_path / kind, data={"gsm8k": str(data)}, engine=kind,
                         chat_template="chatml", max_new_tokens=24)
         outs[kind] = [json.loads(x)["output"] for x in (tmp_path / kind / "samples.jsonl").read_text().splitlines()]
     assert engines[0].tokenizer.chat_template == chat.CHATML
-    gc.collect()
-    assert engines[0].llm is None and llms[0]() is None
     assert len(outs["vllm"]) == 8
     assert sum(a == b for a, b in zip(outs["vllm"], outs["transformers"])) >= 0.9 * 8, outs
 

@@ -160,27 +160,23 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     all_samples: list[dict] = []
-    try:
-        for t in tasks:
-            started = time.time()
-            engine.progress = f"eval {t.name}"
-            if t.kind == "loglikelihood":
-                got = loglikelihood_samples(t, model, tokenizer, instances[t.name], batch_size)
-            elif t.kind == "rag":
-                from posttrain.eval.tasks import rag_facts
+    for t in tasks:
+        started = time.time()
+        engine.progress = f"eval {t.name}"
+        if t.kind == "loglikelihood":
+            got = loglikelihood_samples(t, model, tokenizer, instances[t.name], batch_size)
+        elif t.kind == "rag":
+            from posttrain.eval.tasks import rag_facts
 
-                got = rag_facts.samples(engine, instances[t.name], data.get(t.name), out / t.name,
-                                        max_new_tokens or t.max_new_tokens)
-            elif t.kind == "judge":
-                got = judged_samples(t, engine, judge_engine, instances[t.name], seed, max_new_tokens)
-            else:
-                got = generate_samples(t, engine, instances[t.name], seed, samples, max_new_tokens)
-            results[t.name] = {**summarize(t, got), "seconds": round(time.time() - started, 2)}
-            all_samples += got
-            log(f"eval {t.name}: " + ", ".join(f"{k} {v}" for k, v in results[t.name].items()))
-    finally:
-        if hasattr(engine, "close"):  # a vLLM engine: its worker process and KV cache go now
-            engine.close()
+            got = rag_facts.samples(engine, instances[t.name], data.get(t.name), out / t.name,
+                                    max_new_tokens or t.max_new_tokens)
+        elif t.kind == "judge":
+            got = judged_samples(t, engine, judge_engine, instances[t.name], seed, max_new_tokens)
+        else:
+            got = generate_samples(t, engine, instances[t.name], seed, samples, max_new_tokens)
+        results[t.name] = {**summarize(t, got), "seconds": round(time.time() - started, 2)}
+        all_samples += got
+        log(f"eval {t.name}: " + ", ".join(f"{k} {v}" for k, v in results[t.name].items()))
     results.update({name: {"skipped": why} for name, why in skipped.items()})
     config = {"model": str(model_path), "tasks": [t.name for t in tasks] + list(skipped), "limit": limit, "data": data,
               "seed": seed, "samples": samples, "judge": judge, "max_new_tokens": max_new_tokens, "engine": kind,

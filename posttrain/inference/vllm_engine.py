@@ -15,7 +15,6 @@ imported only when a ``VLLMEngine`` is made; without it the error says how to in
 - ``load_weights(model)`` pushes a trainer's weights into the running engine (no checkpoint
   on disk: the worker's in-place ``reload_weights``, which re-runs the kernels' weight processing) and
   drops the prefix cache, whose keys and values the old weights computed.
-- ``close()`` frees the engine at once (evaluation and RLVR call it when they are done with it).
 
 Chunked prefill is off: with it, vLLM 0.32's CPU runner fails on a seeded request whose prompt is
 split over two scheduler steps ("CPU Generator does not use offset"), which happens as soon as a
@@ -28,10 +27,7 @@ guard is needed and a weight push is a function call. On a CPU the KV cache take
 
 from __future__ import annotations
 
-import gc
 import os
-
-import torch
 
 from posttrain.data import chat
 from posttrain.errors import UserError
@@ -47,9 +43,6 @@ def import_vllm():
     # vLLM 0.32's AOT compile cache fails to load on the CPU build ("'function' object has no attribute
     # 'finalize_loading'") and every start compiles again; inductor's own cache loads (SmolLM2: 120 s, then 55 s)
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
-    # without OMP_NUM_THREADS, vLLM sets torch to 1 thread "for serving": in this process that would slow
-    # the trainer and every later stage of a recipe to one core
-    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     try:
         import vllm
     except ImportError:
@@ -122,12 +115,3 @@ class VLLMEngine:
         # kernels' post-processing (e.g. CPU weight repacking) again, as at start-up
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
-
-    def close(self) -> None:
-        """Free the engine (weights, KV cache) now. vLLM's engine core ``gc.freeze()``s what it allocates
-        at start-up, so without its ``shutdown`` (which unfreezes) a dropped engine is never collected
-        and each evaluation stage of a recipe would keep its KV cache for the rest of the run."""
-        if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
-            self.llm = None
-            gc.collect()

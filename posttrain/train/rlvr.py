@@ -341,9 +341,6 @@ class Rollouts:
         if self.ahead is not None:
             self.ahead.close()
             self.ahead = None
-        if hasattr(self.engine, "close"):  # a vLLM engine in this process
-            self.engine.close()
-            self.engine = None
         if self.threads:
             torch.set_num_threads(self.threads)
 

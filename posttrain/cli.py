@@ -27,6 +27,16 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _close_process_group() -> None:
+    """Destroy the process group a command made (accelerate, torchrun, FSDP) before the interpreter ends:
+    gloo threads still alive at interpreter teardown abort the process ("terminate called without an
+    active exception", exit -6) now and then after a finished run. Only after success, as torchtitan
+    does: a rank that failed mid-collective would wait here for the others."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_stage(args) -> None:
     from posttrain.config import load_config
     from posttrain.stages import STAGES
@@ -289,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _quiet_libraries()
         args.func(args)
+        _close_process_group()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

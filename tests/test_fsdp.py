@@ -261,3 +261,17 @@ def test_fsdp_settings_are_checked(tmp_path):
         load_config(SFTConfig, base={**base, "parallel": "fsdp", "use_peft": True})
     with pytest.raises(UserError, match="expected one of ddp, fsdp"):
         load_config(SFTConfig, base={**base, "parallel": "zero3"})
+
+
+def test_a_finished_command_destroys_its_process_group(tasks, tmp_path, tiny_model_dir):
+    """FSDP in one process makes a group of one; the command destroys it when it ends, since gloo threads
+    left to the interpreter's teardown now and then abort a finished run (exit -6, seen under torchrun)."""
+    import torch.distributed as dist
+
+    from posttrain.cli import main
+
+    cfg = stage_config(tasks, "sft", tmp_path, tiny_model_dir)
+    assert main(["sft", "--config", cfg, f"output_dir={tmp_path / 'run'}", "max_steps=1", "save_steps=0",
+                 "parallel=fsdp"]) == 0
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert not dist.is_initialized()

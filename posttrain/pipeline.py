@@ -15,10 +15,10 @@ see posttrain.data.synth.onpolicy). A training stage without ``model`` starts fr
 training stage's output; ``eval``/``tts`` evaluate it. Each stage writes to ``output_dir/<name>``
 unless its config names an ``output_dir``.
 
-Re-running: a stage's *chain hash* is the hash of its config and the chain hash of the stage before
-it. A stage whose output holds a finished run of the same chain is skipped; one interrupted with the
-same chain resumes from its last checkpoint; a changed config (or any change upstream) re-runs it from
-scratch, and with it every later stage. ``output_dir/report.md`` and ``report.html`` (with PNG loss
+Re-running: a stage's *chain hash* is the hash of its config, the content of the local files it
+names and the chain hash of the stage before it. A stage whose output holds a finished run of the same
+chain is skipped; one interrupted with the same chain resumes from its last checkpoint; a changed config
+or data file (or any change upstream) re-runs it from scratch, and with it every later stage. ``output_dir/report.md`` and ``report.html`` (with PNG loss
 curves) gather each stage's metrics, manifest and the license of every data source that reached
 the model; ``output_dir/stages.json`` lists the stages in order.
 
@@ -30,6 +30,7 @@ wait, and process 0 alone writes the state files, ``stages.json`` and the report
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -49,11 +50,34 @@ STATE_DIR = ".pipeline"  # under the recipe's output_dir: one chain-hash file pe
 
 
 def chain_hash(parent: str, stage: dict) -> str:
+    """The stage's config, the content of every local file it names (a data file rewritten under the
+    same path re-runs the stage) and the chain hash of the stage before it."""
     config = stage.get("config", {})
     if stage["stage"] in TRAINING:  # what the stage computes, not how it is logged or laid out over processes
         config = semantic(TRAINING_STAGES[stage["stage"]][0], config)
-    body = json.dumps({"parent": parent, "stage": stage["stage"], "config": config}, sort_keys=True, default=str)
+    files = {s: _file_digest(str(Path(s).resolve()), Path(s).stat().st_size, Path(s).stat().st_mtime_ns)
+             for s in _strings(config) if Path(s).is_file()}
+    body = json.dumps({"parent": parent, "stage": stage["stage"], "config": config, "files": files},
+                      sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [s for v in value for s in _strings(v)] if isinstance(value, (list, tuple)) else []
+
+
+@functools.cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of the file's bytes, read once per size and modification time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:

@@ -65,6 +65,12 @@ def test_stages_run_in_order_skip_and_rerun_downstream(tmp_path, tiny_model_dir)
     changed = run(path, ["sft.learning_rate=1.0e-3", "eval-sft.limit=1"])  # upstream change: both re-run
     assert [s["skipped"] for s in changed] == [False, False]
     assert changed[0]["chain_hash"] != first[0]["chain_hash"] and changed[1]["chain_hash"] != only_eval[1]["chain_hash"]
+    questions = tmp_path / "q.jsonl"  # a data file rewritten under the same path: the stage naming it re-runs
+    questions.write_text(questions.read_text().replace("2 + 3", "3 + 2"))
+    new_questions = run(path, ["sft.learning_rate=1.0e-3", "eval-sft.limit=1"])
+    assert [s["skipped"] for s in new_questions] == [True, False]
+    write_jsonl(tmp_path / "add.jsonl", addition_records(41))
+    assert [s["skipped"] for s in run(path, ["sft.learning_rate=1.0e-3", "eval-sft.limit=1"])] == [False, False]
 
 
 def test_a_failed_stage_keeps_the_times_of_the_stages_before_it(tmp_path, tiny_model_dir):

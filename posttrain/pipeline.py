@@ -18,9 +18,10 @@ unless its config names an ``output_dir``.
 Re-running: a stage's *chain hash* is the hash of its config, the content of the local files it
 names and the chain hash of the stage before it. A stage whose output holds a finished run of the same
 chain is skipped; one interrupted with the same chain resumes from its last checkpoint; a changed config
-or data file (or any change upstream) re-runs it from scratch, and with it every later stage. ``output_dir/report.md`` and ``report.html`` (with PNG loss
-curves) gather each stage's metrics, manifest and the license of every data source that reached
-the model; ``output_dir/stages.json`` lists the stages in order.
+or data file (or any change upstream) re-runs it from scratch, and with it every later stage.
+``output_dir/report.md`` and ``report.html`` (with PNG loss curves) gather each stage's metrics,
+manifest and the license of every data source that reached the model; ``output_dir/stages.json``
+lists the stages in order.
 
 Several processes (``torchrun --nproc_per_node N -m posttrain.cli run RECIPE``, or ``accelerate
 launch``): every process runs the recipe; training stages train on all of them (DDP or FSDP, each
@@ -55,7 +56,7 @@ def chain_hash(parent: str, stage: dict) -> str:
     config = stage.get("config", {})
     if stage["stage"] in TRAINING:  # what the stage computes, not how it is logged or laid out over processes
         config = semantic(TRAINING_STAGES[stage["stage"]][0], config)
-    files = {s: _file_digest(str(Path(s).resolve()), Path(s).stat().st_size, Path(s).stat().st_mtime_ns)
+    files = {s: _file_digest(Path(s).resolve(), Path(s).stat().st_size, Path(s).stat().st_mtime_ns)
              for s in _strings(config) if Path(s).is_file()}
     body = json.dumps({"parent": parent, "stage": stage["stage"], "config": config, "files": files},
                       sort_keys=True, default=str)
@@ -71,7 +72,7 @@ def _strings(value) -> list[str]:
 
 
 @functools.cache
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
     """sha256 of the file's bytes, read once per size and modification time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -56,8 +56,11 @@ def chain_hash(parent: str, stage: dict) -> str:
     config = stage.get("config", {})
     if stage["stage"] in TRAINING:  # what the stage computes, not how it is logged or laid out over processes
         config = semantic(TRAINING_STAGES[stage["stage"]][0], config)
-    files = {s: _file_digest(Path(s).resolve(), Path(s).stat().st_size, Path(s).stat().st_mtime_ns)
-             for s in _strings(config) if Path(s).is_file()}
+    files = {}
+    for name in _strings(config):
+        if (path := Path(name)).is_file():
+            stat = path.stat()
+            files[name] = _file_digest(path.resolve(), stat.st_size, stat.st_mtime_ns)
     body = json.dumps({"parent": parent, "stage": stage["stage"], "config": config, "files": files},
                       sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:16]

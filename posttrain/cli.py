@@ -239,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a model directory or alias, or NAME=DIR; repeat for several (a request names one in 'model')")
     v.add_argument("--run", help="serve every stage's model of a posttrain run / demo output directory (and its base)")
     v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=port, default=8000)
     v.add_argument("--name", help="the model name clients ask for (default: the --model value)")
     v.add_argument("--batch-size", type=int, default=8)
     v.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
@@ -294,6 +294,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port number (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0 to 65535)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -302,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         _close_process_group()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that is missing or not writable, a port in use: one line, not a traceback
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ from posttrain.util import log
 
 TRAINING = tuple(TRAINING_STAGES)
 STAGES = TRAINING + ("eval", "tts", "onpolicy_pairs")
+STAGE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 STATE_DIR = ".pipeline"  # under the recipe's output_dir: one chain-hash file per stage
 
 
@@ -102,6 +104,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
         where = f"{path}: stages[{i}]"
         if not isinstance(s, dict) or not s.get("name") or s.get("stage") not in STAGES:
             raise UserError(f"{where}: needs 'name' and 'stage' (one of {', '.join(STAGES)})")
+        if not isinstance(s["name"], str) or not STAGE_NAME.fullmatch(s["name"]):
+            raise UserError(f"{where}: name {s['name']!r} must be letters, digits, '.', '_' or '-', not starting "
+                            "with '.' (it names a directory under output_dir)")
         if s["name"] in names:
             raise UserError(f"{where}: duplicate stage name '{s['name']}'")
         names.add(s["name"])
@@ -182,12 +187,16 @@ def _run_stage(s: dict, out: Path, model: str | None, chain: str, state: Path, r
     elif not (config.get("model") or model):
         raise UserError(f"stage {s['name']}: nothing to evaluate (no 'model' and no earlier training stage)")
     config["output_dir"] = str(out)
-    previous = json.loads(state.read_text())["chain_hash"] if state.is_file() else None
-    fresh = previous != chain  # a different config here or upstream (or never run): start over
+    recorded = json.loads(state.read_text()) if state.is_file() else {}
+    fresh = recorded.get("chain_hash") != chain  # a different config here or upstream (or never run): start over
+    if fresh and s["stage"] in TRAINING and out.is_dir() and any(out.iterdir()) \
+            and recorded.get("output_dir") != str(out.resolve()):  # a fresh training stage deletes its output_dir
+        raise UserError(f"stage {s['name']}: {out} exists and was not written by this stage of this recipe; "
+                        "remove it or choose another output_dir")
     barrier()  # every process has read the state before process 0 changes it
     if fresh and rank == 0:  # recorded before the stage starts, so an interrupted stage resumes on the next run
         state.parent.mkdir(parents=True, exist_ok=True)
-        write_json(state, {"chain_hash": chain, "stage": s["stage"]})
+        write_json(state, {"chain_hash": chain, "stage": s["stage"], "output_dir": str(out.resolve())})
     if s["stage"] in TRAINING:
         return _train(s["stage"], config, out, fresh)
     if rank != 0:  # process 0 evaluates; the others wait for it at the barrier after the stage

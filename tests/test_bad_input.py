@@ -83,3 +83,20 @@ def test_console_script_prints_no_traceback(tmp_path, tiny_model_dir):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: {data}:2: field 'messages[1].role' must be one of system, user, assistant, got 'bot'"
     assert not out.exists()
+
+
+def test_serve_port_errors_are_one_line_and_exit_2(tiny_model_dir, capsys):
+    import socket
+
+    from posttrain.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(tiny_model_dir), "--port", "99999"])
+    assert e.value.code == 2 and "99999 is not a port" in capsys.readouterr().err
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        assert main(["serve", "--model", str(tiny_model_dir), "--port", str(taken.getsockname()[1])]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: Address already in use" and "Traceback" not in "\n".join(err)

@@ -184,3 +184,26 @@ def test_real_model_recipes_run_a_few_steps_on_a_tiny_stand_in(name, tmp_path, t
             assert all(r["instances"] == 2 for r in e["results"].values())
         elif e["kind"] in TRAINING:
             assert e["metrics"]["step"] == 2
+
+
+def test_stage_names_that_are_paths_are_refused(tmp_path):
+    from posttrain.errors import UserError
+    from posttrain.pipeline import load_recipe
+
+    for bad in ("../x", "a/b", "..", ".hidden", "/abs"):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"output_dir: {tmp_path / 'run'}\nstages:\n  - {{name: {json.dumps(bad)}, stage: eval}}\n")
+        with pytest.raises(UserError, match="must be letters"):
+            load_recipe(recipe, [])
+
+
+def test_a_fresh_stage_never_deletes_a_directory_it_did_not_write(tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'run'}\nstages:\n"
+                      f"  - {{name: sft, stage: sft, config: {{model: some-model, output_dir: {out}}}}}\n")
+    with pytest.raises(UserError, match="was not written by this stage"):
+        run(recipe)
+    assert (out / "keep.txt").read_text() == "mine"

@@ -74,3 +74,30 @@ def test_sigkill_and_resume_gives_identical_weights(stage, tmp_path, tiny_model_
     assert torch.allclose(torch.tensor(ref_loss), torch.tensor(got_loss), atol=1e-6)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["resumed_from"].endswith(f"checkpoint-{killed_at}") and manifest["stage"] == stage
+
+
+def test_publish_dir_swaps_in_one_step_and_a_torn_metrics_line_is_dropped(tmp_path):
+    import json as _json
+
+    from posttrain.atomic import publish_dir, read_jsonl_appended
+    from posttrain.train.loop import trim_metrics
+
+    final, new = tmp_path / "final", tmp_path / ".tmp-final"
+    final.mkdir()
+    (final / "a").write_text("old")
+    new.mkdir()
+    (new / "a").write_text("new")
+    publish_dir(new, final)
+    assert (final / "a").read_text() == "new" and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(_json.dumps({"step": 1}) + "\n" + _json.dumps({"step": 2}) + "\n" + '{"step": 3, "lo')
+    assert read_jsonl_appended(metrics) == [{"step": 1}, {"step": 2}]
+    trim_metrics(metrics, 2)
+    assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
+    metrics.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    from posttrain.errors import UserError
+
+    with pytest.raises(UserError, match="metrics.jsonl:2"):
+        read_jsonl_appended(metrics)

@@ -377,7 +377,7 @@ def main() -> None:
     os.closerange(5, 1 << 16)
     import pkgutil  # noqa: F401  (imported while every file is in place)
     import traceback
-    import types  # noqa: F401
+    import types  # noqa: F401  (serve's, imported before the old root is gone)
 
     try:
         _isolate(_mount_point(), work_mb)

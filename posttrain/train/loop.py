@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import manifest as manifest_mod
-from posttrain.atomic import publish_dir, write_json
+from posttrain.atomic import publish_dir, read_jsonl_appended, write_json, write_text
 from posttrain.config import TrainConfig, config_hash
 from posttrain.errors import UserError
 from posttrain.inference.logprobs import TokenLogProbs
@@ -161,8 +161,8 @@ def apply_peft(cfg: TrainConfig, model):
 def trim_metrics(path: Path, upto: int) -> None:
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= upto]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [r for r in read_jsonl_appended(path) if r.get("step", 0) <= upto]  # a torn last line dropped
+    write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def reduce_sum(accelerator, values: dict[str, float]) -> dict[str, float]:

@@ -5,7 +5,6 @@ import gzip
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 from conftest import DATA
 
 from posttrain.rewards import code, get_verifier, sandbox

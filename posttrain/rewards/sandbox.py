@@ -21,9 +21,12 @@ before any untrusted code has run: no program output can raise it.
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import selectors
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -152,10 +155,6 @@ class Sandbox:
     def _send(self, message: dict, deadline: float) -> None:
         """Write one message, reading the program's output meanwhile (a program that neither reads its
         requests nor stops printing cannot stall this process past the deadline)."""
-        import json
-        import select
-        import struct
-
         data = json.dumps(message).encode()
         view = memoryview(struct.pack(">I", len(data)) + data)
         os.set_blocking(self._req_w, False)
@@ -178,9 +177,6 @@ class Sandbox:
     def _next_message(self, deadline: float) -> dict | None:
         """The next control message; None when the sandbox ended; ``TimeoutError`` at the deadline. Reads
         the program's output meanwhile, and kills the sandbox once it passes ``max_output``."""
-        import json
-        import struct
-
         while True:
             if len(self._buffer) >= 4:
                 (n,) = struct.unpack(">I", self._buffer[:4])
@@ -273,8 +269,6 @@ def _read(fd: int) -> bytes | None:
 
 
 def _read_pending(fd: int, wait: float = 0.0) -> bool:
-    import select
-
     return bool(select.select([fd], [], [], wait)[0])
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def run_posttrain(model: str, data: Path, out: Path, args, batch: int, engine: s
 
 def start_server(model: str, batch: int):
     """``posttrain serve --engine vllm --accept-weights`` in another process (for ``vllm-server``), once it answers."""
+    import secrets
     import socket
     import subprocess
 
@@ -86,6 +88,7 @@ def start_server(model: str, batch: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    os.environ.setdefault("POSTTRAIN_API_KEY", secrets.token_urlsafe(16))  # the server's and this client's key
     proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", "--model", model, "--engine", "vllm",
                              "--accept-weights", "--port", str(port), "--batch-size", str(batch)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from posttrain.argtypes import natural_float, port, positive_float, positive_int
 from posttrain.errors import UserError
 
 USAGE_OVERRIDES = "config overrides as key=value (dotted keys reach into lists and mappings: datasets.0.count=100)"
@@ -45,11 +46,14 @@ def cmd_stage(args) -> None:
     run(load_config(config_class, args.config, args.overrides))
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def _int_list(text: str, flag: str, low: int = 0) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if any(v < low for v in values):
+        raise UserError(f"{flag}: every value must be >= {low}, got {text!r}")
+    return values
 
 
 def _data_map(items: list[str] | None) -> dict[str, str]:
@@ -95,23 +99,30 @@ def cmd_tts(args) -> None:
                        answer_prefix=unescape(args.answer_prefix),
                        wait=args.wait_string, max_answer_tokens=args.max_answer_tokens)
     sweep(args.model, args.task, args.output, _int_list(args.max_thinking, "--max-thinking"), _int_list(args.wait, "--wait"),
-          _int_list(args.majority, "--majority") or [1], bf, limit=args.limit, data=data.get(args.task),
+          _int_list(args.majority, "--majority", low=1) or [1], bf, limit=args.limit, data=data.get(args.task),
           temperature=args.temperature, batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
           engine=args.engine)
     print(f"{args.output}/results.json")
 
 
 def cmd_serve(args) -> None:
-    from posttrain.inference.serve import serve
-
-    from posttrain.inference.serve import parse_models
+    from posttrain.inference.api import KEY_ENV, Limits
+    from posttrain.inference.serve import parse_models, serve
+    from posttrain.inference.serve_http import Access, Timeouts, is_loopback
 
     models = parse_models(args.model, args.run)
     if args.name:
         if len(models) != 1:
             raise UserError("--name renames a single --model; name several with --model NAME=DIR")
         models = {args.name: next(iter(models.values()))}
-    serve(models, args.host, args.port, args.batch_size, args.engine, args.accept_weights)
+    origins = tuple(o.strip().rstrip("/") for o in args.allowed_origins.split(",") if o.strip())
+    access = Access(api_key=args.api_key or os.environ.get(KEY_ENV) or None, allowed_origins=origins,
+                    accept_weights=args.accept_weights, loopback=is_loopback(args.host))
+    limits = Limits(max_body_bytes=args.limit_body_mb * 2**20, max_weights_bytes=args.limit_weights_mb * 2**20,
+                    max_json_depth=args.limit_json_depth, max_tokens=args.limit_max_tokens, max_n=args.limit_n,
+                    max_prompts=args.limit_prompts)
+    timeouts = Timeouts(request=args.timeout_request, write=args.timeout_write, keep_alive=args.timeout_keep_alive)
+    serve(models, args.host, args.port, args.batch_size, args.engine, access, limits, timeouts, args.limit_concurrency)
 
 
 def cmd_run(args) -> None:
@@ -192,14 +203,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", help="comma-separated: gsm8k, gsm8k_fewshot, math500, ifeval, humaneval, mc, judge_winrate, "
                    "verifiable (any file of verifiable prompts, with --data verifiable=PATH)")
     e.add_argument("--suite", choices=["dev", "unseen"], help="a named task list (posttrain.eval.tasks.SUITES)")
-    e.add_argument("--limit", type=int, help="first N instances of each task")
+    e.add_argument("--limit", type=positive_int, help="first N instances of each task")
     e.add_argument("--data", action="append", metavar="TASK=PATH", help="a local file (or hub id) for a task")
-    e.add_argument("--samples", type=int, help="completions per instance (pass@k); default: the task's")
+    e.add_argument("--samples", type=positive_int, help="completions per instance (pass@k); default: the task's")
     e.add_argument("--judge", help="judge for judge_winrate: openai:<model>@<base_url> (key from OPENAI_API_KEY)")
-    e.add_argument("--max-new-tokens", type=int, help="longest completion of every generating task (default: each task's own)")
+    e.add_argument("--max-new-tokens", type=positive_int, help="longest completion of every generating task (default: each task's own)")
     e.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                    help="generation engine for a local model (vllm: the optional extra, docs/engines.md)")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=positive_int, default=16)
     e.add_argument("--chat-template", help="render prompts with this template (tulu, chatml, gemma or Jinja) instead of "
                                            "the tokenizer's own: a base model in its successors' format")
     e.add_argument("--seed", type=int, default=0)
@@ -218,17 +229,17 @@ def parser() -> argparse.ArgumentParser:
                    "(with neither this nor --wait: plain sampling, majority voting only)")
     t.add_argument("--wait", default="", help="comma-separated numbers of 'Wait' extensions, e.g. 0,1,2")
     t.add_argument("--majority", default="1", help="comma-separated majority-vote sizes, e.g. 1,4,8")
-    t.add_argument("--limit", type=int)
+    t.add_argument("--limit", type=positive_int)
     t.add_argument("--data", action="append", metavar="TASK=PATH")
-    t.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when majority > 1")
+    t.add_argument("--temperature", type=natural_float, default=0.8, help="sampling temperature when majority > 1")
     t.add_argument("--think-start", default="<think>")
     t.add_argument("--think-end", default="</think>")
     t.add_argument("--answer-prefix", default="\nFinal Answer:")
     t.add_argument("--wait-string", default="Wait")
-    t.add_argument("--max-answer-tokens", type=int, default=64)
-    t.add_argument("--max-new-tokens", type=int, default=256,
+    t.add_argument("--max-answer-tokens", type=positive_int, default=64)
+    t.add_argument("--max-new-tokens", type=positive_int, default=256,
                    help="longest completion without --max-thinking/--wait (plain sampling), or longest uncapped thinking")
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--batch-size", type=positive_int, default=16)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--engine", choices=["transformers", "vllm"], default="transformers", help="generation engine")
     t.add_argument("--output", default="runs/tts")
@@ -241,12 +252,29 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=port, default=8000)
     v.add_argument("--name", help="the model name clients ask for (default: the --model value)")
-    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--batch-size", type=positive_int, default=8)
     v.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                    help="generation engine; vllm also serves the rollout routes RLVR's vllm_servers use (docs/engines.md)")
+    v.add_argument("--api-key", help="the Bearer token every route but the chat page needs (default: $POSTTRAIN_API_KEY; "
+                   "required for --accept-weights and for a --host other than loopback)")
+    v.add_argument("--allowed-origins", default="",
+                   help="comma-separated web origins (e.g. https://app.example) whose pages may call this server; "
+                        "'*' for any (requests from other origins are refused)")
     v.add_argument("--accept-weights", action="store_true",
-                   help="let clients replace the weights (POST /posttrain/weights: RLVR's weight push); anyone "
-                        "who reaches the port can")
+                   help="let key holders replace the weights (POST /posttrain/weights: RLVR's weight push)")
+    v.add_argument("--limit-max-tokens", type=positive_int, default=4096, help="most max_tokens a request may ask for")
+    v.add_argument("--limit-n", type=positive_int, default=16, help="most completions per request (n)")
+    v.add_argument("--limit-body-mb", type=positive_int, default=8, help="largest JSON request body, MiB")
+    v.add_argument("--limit-weights-mb", type=positive_int, default=16384, help="largest weights upload, MiB")
+    v.add_argument("--limit-json-depth", type=positive_int, default=32, help="deepest nesting of a JSON body")
+    v.add_argument("--limit-prompts", type=positive_int, default=1024, help="most prompts per /posttrain/complete")
+    v.add_argument("--limit-concurrency", type=positive_int, default=512,
+                   help="most connections at once (503 past it)")
+    v.add_argument("--timeout-request", type=positive_float, default=30.0,
+                   help="seconds for a request's headers, and again for its JSON body (408 past them)")
+    v.add_argument("--timeout-write", type=positive_float, default=60.0,
+                   help="seconds a streaming client may stop reading before its connection is closed")
+    v.add_argument("--timeout-keep-alive", type=positive_int, default=5, help="seconds an idle connection is kept")
     v.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("run", help="run every stage of a recipe in order (skips finished stages, resumes interrupted ones)")
@@ -281,28 +309,17 @@ def parser() -> argparse.ArgumentParser:
     t = msub.add_parser("tiny", help="a few-layer Llama with a BPE tokenizer trained on the fly (tests, demos)")
     t.add_argument("--output", required=True)
     t.add_argument("--text", action="append", help="text file(s) to train the tokenizer on, one example per line")
-    t.add_argument("--vocab-size", type=int, default=512)
-    t.add_argument("--hidden-size", type=int, default=64)
-    t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--heads", type=int, default=4)
-    t.add_argument("--kv-heads", type=int, default=2)
+    t.add_argument("--vocab-size", type=positive_int, default=512)
+    t.add_argument("--hidden-size", type=positive_int, default=64)
+    t.add_argument("--layers", type=positive_int, default=2)
+    t.add_argument("--heads", type=positive_int, default=4)
+    t.add_argument("--kv-heads", type=positive_int, default=2)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_model_tiny)
     pr = msub.add_parser("prepare", help="resolve a model (alias, GGUF, hub id), converting and caching it; prints its path")
     pr.add_argument("name")
     pr.set_defaults(func=cmd_model_prepare)
     return p
-
-
-def port(text: str) -> int:
-    """An argparse type: a TCP port number (0: any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port (0 to 65535)")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

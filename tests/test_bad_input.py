@@ -92,11 +92,47 @@ def test_serve_port_errors_are_one_line_and_exit_2(tiny_model_dir, capsys):
 
     with pytest.raises(SystemExit) as e:
         main(["serve", "--model", str(tiny_model_dir), "--port", "99999"])
-    assert e.value.code == 2 and "99999 is not a port" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --port: must be from 0 to 65535, got 99999" in capsys.readouterr().err
     taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
     try:
-        assert main(["serve", "--model", str(tiny_model_dir), "--port", str(taken.getsockname()[1])]) == 2
+        assert main(["serve", "--model", str(tiny_model_dir), "--port", str(port)]) == 2
     finally:
         taken.close()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: Address already in use" and "Traceback" not in "\n".join(err)
+    assert err == [f"error: --host 127.0.0.1 --port {port}: Address already in use"]  # before any model loads
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["eval", "--model", "m", "--limit", "0"], "argument --limit: must be > 0, got 0"),
+    (["eval", "--model", "m", "--batch-size", "-4"], "argument --batch-size: must be > 0, got -4"),
+    (["tts", "--model", "m", "--task", "gsm8k", "--temperature", "nan"], "argument --temperature: must be a finite number"),
+    (["data", "arithmetic", "--digits", "x", "--output", "o"], "argument --digits: not an integer: 'x'"),
+    (["data", "decontaminate", "--train", "a", "--against", "b", "--output", "o", "--threshold", "1.5"],
+     "argument --threshold: must be a finite number from 0 to 1, got 1.5"),
+    (["rag", "--model", "m", "--index", "i", "--k", "0"], "argument --k: must be > 0, got 0"),
+    (["serve", "--model", "m", "--timeout-request", "0"], "argument --timeout-request: must be a finite number > 0"),
+    (["serve", "--model", "m", "--limit-body-mb", "1e3"], "argument --limit-body-mb: not an integer"),
+])
+def test_bad_numbers_on_the_command_line_are_one_line_and_exit_2(argv, says, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and says in err[-1] and "Traceback" not in "\n".join(err)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["tts", "--model", "m", "--task", "gsm8k", "--max-thinking=-5"], "error: --max-thinking: every value must be >= 0"),
+    (["tts", "--model", "m", "--task", "gsm8k", "--majority", "0"], "error: --majority: every value must be >= 1"),
+    (["serve", "--model", "m", "--host", "0.0.0.0"], "error: --host 0.0.0.0: serving beyond this machine needs an API key"),
+    (["serve", "--model", "m", "--accept-weights"], "error: --accept-weights needs an API key"),
+])
+def test_bad_values_found_after_parsing_are_one_line_and_exit_2(argv, says, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("POSTTRAIN_API_KEY", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(says), err
+    assert list(tmp_path.iterdir()) == []

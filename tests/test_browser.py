@@ -1,13 +1,13 @@
 """The chat page of ``posttrain serve`` in a real browser: headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``, which ``.ci/run`` installs) driven by selenium. Two tiny models side by side, a
-streamed answer, the budget-forcing controls changing the answer, the export, no console errors.
+streamed answer, the budget-forcing controls changing the answer, the export, no console errors; the
+server has an API key, which the page takes from its address (``#key=``) or asks for.
 
 ``POSTTRAIN_SCREENSHOTS=1`` also writes the page's screenshot to ``docs/images/chat.png``."""
 
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -15,10 +15,11 @@ import pytest
 from conftest import thinker_model
 
 from posttrain.inference.engine import TransformersEngine
-from posttrain.inference.serve import make_server
+from posttrain.inference.serve import start_server
 from posttrain.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+KEY = "page-test-key-42"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
@@ -42,11 +43,11 @@ def page(driver, tmp_path_factory, addition_sft_model):
     thinker = thinker_model(tmp_path_factory.mktemp("browser-think"))
     engines = {name: TransformersEngine(load_model(path), load_tokenizer(path), batch_size=8)
                for name, path in (("thinker", thinker), ("adder", addition_sft_model))}
-    server = make_server(engines, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+    server = start_server(engines, api_key=KEY)
+    driver.get(f"{server.url}/#key={KEY}")
+    driver.server_url = server.url
     yield driver
-    server.shutdown()
+    server.close()
 
 
 def screenshot(driver, name: str) -> bytes:
@@ -120,6 +121,28 @@ def test_chat_page_streams_compares_and_applies_budget_forcing(page):
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []
     assert screenshot(driver, "chat.png")[:4] == b"\x89PNG"
+
+
+def test_chat_page_asks_for_the_key_or_takes_it_from_its_address(page):
+    driver = page
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(f"{driver.server_url}/")
+    wait_for(driver, "return !document.getElementById('keybox').hidden")
+    assert "valid API key" in driver.find_element("id", "models").text
+    driver.find_element("id", "apikey").send_keys("wrong-key-123")
+    driver.find_element("id", "usekey").click()
+    time.sleep(0.5)
+    assert driver.execute_script("return document.querySelectorAll('#models input').length") == 0
+    driver.find_element("id", "apikey").send_keys(KEY)
+    driver.find_element("id", "usekey").click()
+    wait_for(driver, "return document.querySelectorAll('#models input').length === 2")
+    assert driver.execute_script("return document.getElementById('keybox').hidden")
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(f"{driver.server_url}/#key={KEY}")
+    wait_for(driver, "return document.querySelectorAll('#models input').length === 2")
+    assert driver.execute_script("return location.hash") == ""  # the key leaves the address bar
+    severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe and all("401" in m for m in severe)  # the refused tries, nothing else
 
 
 def fake_run(root: Path) -> tuple[dict, list[dict]]:

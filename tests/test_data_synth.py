@@ -5,17 +5,16 @@ against a real HTTP server with injected faults (interrupted and resumed) and on
 
 import json
 import re
-import threading
 
 import pytest
 from conftest import DATA, write_jsonl
+from faults import Faulty
 
 from posttrain.cli import main
 from posttrain.data.synth import persona, preferences, select, self_instruct, selfconsistency
 from posttrain.errors import UserError
 from posttrain.inference.engine import Completion, SamplingParams
 from posttrain.inference.open import CachedEngine
-from posttrain.inference.serve import make_server
 from posttrain.rewards import get_verifier
 
 
@@ -37,9 +36,8 @@ class Scripted:
 
 
 def start(engine, faults=None):
-    server = make_server(engine, "scripted", port=0, faults=faults, fault_delay=2.0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"openai:scripted@http://127.0.0.1:{server.server_address[1]}/v1"
+    server = Faulty(engine, "scripted", faults, delay=2.0)
+    return server, f"openai:scripted@{server.url}/v1"
 
 
 # --- rejection sampling -------------------------------------------------------------------------
@@ -113,7 +111,7 @@ def test_solve_then_selfconsistency_commands_on_a_scripted_endpoint(tmp_path, ca
         assert main(["data", "solve", "--prompts", str(prompts), "--engine", spec, "--samples", "4",
                      "--output", str(tmp_path / "sol")]) == 0
     finally:
-        server.shutdown()
+        server.close()
     assert "data solve (engine): 100%" in capsys.readouterr().err  # progress with ETA on stderr
     solved = [json.loads(x) for x in (tmp_path / "sol" / "records.jsonl").read_text().splitlines()]
     assert [len(r["solutions"]) for r in solved] == [4] * 6 and solved[0]["ground_truth"] == "0"
@@ -189,14 +187,14 @@ def test_preferences_command_survives_faults_and_an_interrupted_run_resends_noth
         assert main(cmd) == 2  # the judge gave up
         assert not (tmp_path / "out" / "records.jsonl").exists()
         assert (a_server.served["completions"], b_server.served["completions"], j_server.served["completions"]) == (6, 6, 4)
-        j_server.shutdown()
+        j_server.close()
         j_server, j_spec2 = start(judge)
         assert main(cmd[:7] + [j_spec2] + cmd[8:]) == 0
         assert (a_server.served["completions"], b_server.served["completions"]) == (6, 6)  # all from the cache
         assert j_server.served["completions"] == 12 - 4  # only the judgments that had not arrived
     finally:
         for server in (a_server, b_server, j_server):
-            server.shutdown()
+            server.close()
     pairs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     stats = json.loads((tmp_path / "out" / "report.json").read_text())["stats"]
     assert stats["pairs"] == len(pairs) == 6 and stats["ties"] == 0 and stats["unparseable"] == 0

@@ -195,10 +195,8 @@ def test_tts_sweep_writes_points_and_a_plot(thinker, tmp_path):
 
 
 def test_judge_winrate_with_an_endpoint_and_skipped_without(sft_model, tmp_path):
-    import threading
-
     from posttrain.inference.engine import Completion
-    from posttrain.inference.serve import make_server
+    from posttrain.inference.serve import start_server
 
     class AlwaysA:  # a judge that always prefers the first answer shown
         def generate(self, prompts, sampling):
@@ -208,13 +206,12 @@ def test_judge_winrate_with_an_endpoint_and_skipped_without(sft_model, tmp_path)
     data = {"judge_winrate": str(write_jsonl(tmp_path / "alpaca.jsonl", rows))}
     skipped = evaluate(str(sft_model), ["judge_winrate"], tmp_path / "none", data=data)
     assert skipped == {"judge_winrate": {"skipped": "no judge endpoint: pass --judge openai:<model>@<base_url>"}}
-    server = make_server(AlwaysA(), "judge", port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_server(AlwaysA(), "judge")
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        url = f"{server.url}/v1"
         results = evaluate(str(sft_model), ["judge_winrate"], tmp_path / "judged", data=data, judge=f"openai:judge@{url}")
     finally:
-        server.shutdown()
+        server.close()
     samples = [json.loads(x) for x in (tmp_path / "judged" / "samples.jsonl").read_text().splitlines()]
     first = [s["model_first"] for s in samples]
     assert 0 < sum(first) < len(first)  # both orders occur

@@ -2,15 +2,13 @@
 around a tiny model): same outputs as the local engine, retries through injected faults, a response
 cache that makes an interrupted run lose nothing, and clear errors."""
 
-import threading
-
 import pytest
 from conftest import addition_records
+from faults import Faulty
 
 from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.inference.openai_engine import OpenAIEngine
-from posttrain.inference.serve import make_server
 from posttrain.models import load_model, load_tokenizer
 
 
@@ -20,9 +18,8 @@ def local(addition_sft_model):
 
 
 def start(engine, faults=None, fault_delay=3.0):
-    server = make_server(engine, "tiny", port=0, faults=faults, fault_delay=fault_delay)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server = Faulty(engine, "tiny", faults, fault_delay)
+    return server, f"{server.url}/v1"
 
 
 PROMPTS = [r["messages"][:1] for r in addition_records(40)[:6]]
@@ -38,7 +35,7 @@ def test_same_outputs_as_the_local_engine(local):
         sampled = OpenAIEngine("tiny", url).generate(PROMPTS[:2], SamplingParams(max_new_tokens=4, temperature=1.0, n=3))
         assert [c.prompt_index for c in sampled] == [0, 0, 0, 1, 1, 1]
     finally:
-        server.shutdown()
+        server.close()
 
 
 def test_retries_through_rate_limits_server_errors_timeouts_and_drops(local):
@@ -49,7 +46,7 @@ def test_retries_through_rate_limits_server_errors_timeouts_and_drops(local):
         assert [o.text for o in outs] == [o.text for o in local.generate(PROMPTS[:2], SamplingParams(max_new_tokens=6))]
         assert engine.stats["retries"] == 6 and engine.stats["requests"] == 8
     finally:
-        server.shutdown()
+        server.close()
 
 
 def test_cache_makes_an_interrupted_run_lose_nothing(local, tmp_path):
@@ -61,7 +58,7 @@ def test_cache_makes_an_interrupted_run_lose_nothing(local, tmp_path):
         answered = server.served["completions"]
         assert answered >= 3 and len(list((tmp_path / "cache").rglob("*.json"))) == answered
     finally:
-        server.shutdown()
+        server.close()
     server, url = start(local)
     try:
         engine = OpenAIEngine("tiny", url, concurrency=2, cache_dir=tmp_path / "cache")
@@ -69,7 +66,7 @@ def test_cache_makes_an_interrupted_run_lose_nothing(local, tmp_path):
         assert engine.stats == {"requests": 6 - answered, "retries": 0, "cache_hits": answered}
         assert [o.text for o in outs] == [o.text for o in local.generate(PROMPTS, SamplingParams(max_new_tokens=6))]
     finally:
-        server.shutdown()
+        server.close()
     again = OpenAIEngine("tiny", "http://127.0.0.1:9/v1", cache_dir=tmp_path / "cache")  # nothing listens: all cached
     assert [o.text for o in again.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0.0))] == [o.text for o in outs]
 
@@ -85,7 +82,7 @@ def test_clear_errors(local):
         with pytest.raises(openai.BadRequestError, match="messages"):
             client.chat.completions.create(model="tiny", messages=[])
     finally:
-        server.shutdown()
+        server.close()
     with pytest.raises(UserError, match="expected openai:<model>@<base_url>"):
         OpenAIEngine.from_spec("gpt@")
     assert OpenAIEngine.from_spec("openai:m@http://h:1/v1").model == "m"

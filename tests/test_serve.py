@@ -1,5 +1,6 @@
 """``posttrain serve`` through the ``openai`` client: several models, streamed tokens, ``n``, log-probs,
-budget forcing as extra body fields, concurrent clients, and ``--run`` serving every stage of a run."""
+budget forcing as extra body fields, concurrent clients, and ``--run`` serving every stage of a run;
+the server has an API key (what it refuses: test_serve_hostile.py)."""
 
 import json
 import threading
@@ -9,7 +10,7 @@ from conftest import thinker_model
 
 from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams, TransformersEngine
-from posttrain.inference.serve import make_server, models_of_run, parse_models
+from posttrain.inference.serve import models_of_run, parse_models, start_server
 from posttrain.models import load_model, load_tokenizer
 
 QUESTION = [{"role": "user", "content": "What is 3 plus 4?"}]
@@ -21,11 +22,35 @@ def served(tmp_path_factory, addition_sft_model):
     thinker = thinker_model(tmp_path_factory.mktemp("serve-think"))
     engines = {name: TransformersEngine(load_model(path), load_tokenizer(path), batch_size=8)
                for name, path in (("thinker", thinker), ("adder", addition_sft_model))}
-    server = make_server(engines, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none", max_retries=0)
-    yield {"client": client, "engines": engines, "openai": openai}
-    server.shutdown()
+    server = start_server(engines, api_key="serve-test-key")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="serve-test-key", max_retries=0)
+    yield {"client": client, "engines": engines, "openai": openai, "url": server.url}
+    server.close()
+
+
+def test_the_key_is_needed(served):
+    openai = served["openai"]
+    stranger = openai.OpenAI(base_url=f"{served['url']}/v1", api_key="guessed-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="a valid API key is needed"):
+        stranger.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        stranger.chat.completions.create(model="adder", messages=QUESTION, max_tokens=4)
+
+
+def test_a_prompt_past_the_models_context_is_a_400(served):
+    client, engine = served["client"], served["engines"]["adder"]
+    context = engine.max_model_len
+    long = [{"role": "user", "content": "1 + 1 " * context}]
+    with pytest.raises(served["openai"].BadRequestError, match=f"the model's context is {context} tokens") as e:
+        client.chat.completions.create(model="adder", messages=long, max_tokens=4)
+    assert e.value.body["param"] == "messages"
+    fits = [{"role": "user", "content": "1 + 1 " * (context // 8)}]
+    prompt = len(engine.encode(fits))
+    with pytest.raises(served["openai"].BadRequestError) as e:
+        client.chat.completions.create(model="adder", messages=fits, max_tokens=context - prompt + 1)
+    assert e.value.body["param"] == "max_tokens"
+    got = client.chat.completions.create(model="adder", messages=fits, temperature=0)  # max_tokens cut to what is left
+    assert got.choices[0].finish_reason in ("stop", "length")
 
 
 def test_models_are_listed_and_an_unknown_one_is_a_404(served):
@@ -69,7 +94,7 @@ def test_budget_forcing_fields_change_the_thinking(served):
     assert (a.model_extra["thinking_tokens"], a.model_extra["forced_stop"]) == (2, True)
     assert b.model_extra["waits"] == 1 and "Wait" in b.message.content
     assert a.message.content != b.message.content
-    with pytest.raises(served["openai"].BadRequestError, match="'num_wait' must be an integer >= 0"):
+    with pytest.raises(served["openai"].BadRequestError, match="'num_wait': must be an integer from 0 to 64"):
         client.chat.completions.create(model="thinker", messages=QUESTION, extra_body={"num_wait": -1})
 
 

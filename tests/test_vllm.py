@@ -179,14 +179,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_KEY = "vllm-test-server-key"  # the servers' API key; the test sets it for the client too
+
+
 def start_server(model: str, core: int):
-    """``posttrain serve --engine vllm --accept-weights`` in its own process, bound to one core."""
+    """``posttrain serve --engine vllm --accept-weights`` in its own process, bound to one core, with
+    ``SERVER_KEY``."""
     import os
     import subprocess
     import sys
 
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core), "POSTTRAIN_API_KEY": SERVER_KEY}
     proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", "--model", model, "--engine", "vllm",
                              "--accept-weights", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -240,6 +244,7 @@ def test_vllm_servers_killed_mid_run_the_run_goes_on_or_resumes_exactly(mod2, mo
     (2) A run on A alone, A killed at step 5: a one-line error; a new server C; the same command with
     ``vllm_servers: [C]`` resumes from the step-4 checkpoint and ends with the same weights again. (3) A
     run with ``async_steps: 1`` on C: rollouts one step stale."""
+    monkeypatch.setenv("POSTTRAIN_API_KEY", SERVER_KEY)
     servers = [start_server(mod2["sft"], 0), start_server(mod2["sft"], 1)]
     (a, url_a), (b, url_b) = servers
     c = None

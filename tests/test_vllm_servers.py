@@ -5,15 +5,13 @@ completions), one that comes back (rejoins at the next weight push), none left (
 the weight file (tied weights under every name), and the routes' refusals. The same client against
 real vLLM servers, killed mid-run, is in test_vllm.py."""
 
-import threading
-
 import pytest
 import torch
 
 from posttrain.errors import UserError
 from posttrain.inference.engine import Completion, SamplingParams, completion_requests
-from posttrain.inference.serve import make_server
-from posttrain.inference.vllm_servers import VLLMServers, call, weights_file
+from posttrain.inference.serve import start_server
+from posttrain.inference.vllm_servers import ServerFailed, VLLMServers, call, weights_file
 from posttrain.models import load_model, load_tokenizer
 
 
@@ -32,15 +30,21 @@ class SeedEngine:
         self.weights = dict(pairs)
 
 
+KEY = "rollout-key-0123"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_API_KEY", KEY)  # what the client sends
+
+
 def start(engine, port=0, accept_weights=True):
-    server = make_server(engine, "seeded", port=port, accept_weights=accept_weights)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+    server = start_server(engine, "seeded", port=port, api_key=KEY, accept_weights=accept_weights)
+    return server, server.url
 
 
 def stop(server):
-    server.shutdown()
-    server.server_close()
+    server.close()
 
 
 PROMPTS = [[{"role": "user", "content": f"What is {n} mod 2?"}] for n in range(10)] + [
@@ -79,7 +83,7 @@ def test_requests_spread_a_dead_server_is_left_out_and_a_restarted_one_rejoins(t
             servers.generate(PROMPTS, sampling)
     finally:
         for s in (sa, sb):
-            s.server_close()
+            s.close()
 
 
 def test_no_server_answering_at_the_start_is_a_one_line_error(tiny_model_dir):
@@ -102,7 +106,7 @@ def test_the_weight_file_carries_tied_weights_under_every_name(tiny_model_dir):
         assert torch.equal(loaded[name], p.detach())
 
 
-def test_the_routes_refuse_what_they_should(tiny_model_dir, addition_sft_model):
+def test_the_routes_refuse_what_they_should(tiny_model_dir, addition_sft_model, monkeypatch):
     from posttrain.inference.engine import TransformersEngine
 
     tok = load_tokenizer(tiny_model_dir)
@@ -114,11 +118,17 @@ def test_the_routes_refuse_what_they_should(tiny_model_dir, addition_sft_model):
         with pytest.raises(UserError, match="is not a rollout server"):
             VLLMServers([plain_url], tok)
         bad = b'{"prompts": [[1, 99999]], "seeds": [1], "sampling": {"max_new_tokens": 2}}'
-        with pytest.raises(Exception, match=r"HTTP 400: prompts\[0\] must be a non-empty list of token ids below"):
+        with pytest.raises(Exception, match=r"HTTP 400: 'prompts\[0\]': must be a non-empty list of token ids below"):
             call(url, "/posttrain/complete", bad, 5.0)
         bad = b'{"prompts": [[1]], "seeds": [1], "sampling": {"max_new_tokens": 2, "n": 4}}'
-        with pytest.raises(Exception, match="HTTP 400: 'sampling' must be an object with keys among"):
+        with pytest.raises(Exception, match="HTTP 400: 'sampling': must be an object with keys among"):
             call(url, "/posttrain/complete", bad, 5.0)
+        monkeypatch.setenv("POSTTRAIN_API_KEY", "not-the-key")
+        with pytest.raises(UserError, match=r"refused the API key \(HTTP 401: .*set POSTTRAIN_API_KEY"):
+            VLLMServers([url], tok)
+        monkeypatch.delenv("POSTTRAIN_API_KEY")
+        with pytest.raises(ServerFailed, match="HTTP 401"):
+            call(url, "/posttrain/complete", b'{"prompts": [[1]], "seeds": [1], "sampling": {}}', 5.0)
     finally:
         stop(closed)
         stop(plain)

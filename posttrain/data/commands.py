@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from posttrain.argtypes import finite_float, fraction, natural_float, natural_int, positive_int
 from posttrain.errors import UserError
 
 EXAMPLE_PERSONAS = Path(__file__).parent / "examples" / "personas.jsonl"
@@ -224,20 +225,20 @@ def _common(p, engine: bool = True, sampling: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     if engine:
         p.add_argument("--cache", help="cache directory for model answers (default: OUTPUT/.cache)")
-        p.add_argument("--batch-size", type=int, default=16, help="batch size of a local model")
-        p.add_argument("--retries", type=int, default=6, help="retries of a failed endpoint request (backoff doubles)")
-        p.add_argument("--max-new-tokens", type=int, default=512)
+        p.add_argument("--batch-size", type=positive_int, default=16, help="batch size of a local model")
+        p.add_argument("--retries", type=natural_int, default=6, help="retries of a failed endpoint request (backoff doubles)")
+        p.add_argument("--max-new-tokens", type=positive_int, default=512)
     if engine and sampling:
-        p.add_argument("--temperature", type=float, default=0.7)
+        p.add_argument("--temperature", type=natural_float, default=0.7)
 
 
 def add_parsers(dsub) -> None:
     ar = dsub.add_parser("arithmetic", help="synthetic verifiable math: corpus, SFT, RLVR and disjoint held-out sets")
     ar.add_argument("--output", required=True)
     ar.add_argument("--ops", default="add,sub,mul", help="comma-separated: add, sub, mul")
-    ar.add_argument("--digits", type=int, default=2, help="digits per operand at most (difficulty)")
-    ar.add_argument("--train", type=int, default=1000, help="training problems per operation")
-    ar.add_argument("--heldout", type=int, default=200, help="held-out problems per operation")
+    ar.add_argument("--digits", type=positive_int, default=2, help="digits per operand at most (difficulty)")
+    ar.add_argument("--train", type=natural_int, default=1000, help="training problems per operation")
+    ar.add_argument("--heldout", type=natural_int, default=200, help="held-out problems per operation")
     ar.add_argument("--seed", type=int, default=0)
     ar.set_defaults(func=cmd_arithmetic)
 
@@ -246,14 +247,14 @@ def add_parsers(dsub) -> None:
     dc.add_argument("--against", action="append", required=True,
                     help="comma-separated suites (suite:dev), tasks (gsm8k) and task files (gsm8k=PATH); repeatable")
     dc.add_argument("--output", required=True)
-    dc.add_argument("--ngram", type=int, default=8, help="words per n-gram")
-    dc.add_argument("--threshold", type=float, default=0.5,
+    dc.add_argument("--ngram", type=positive_int, default=8, help="words per n-gram")
+    dc.add_argument("--threshold", type=fraction, default=0.5,
                     help="flag when this share of an evaluation instance's n-grams occurs in the prompt")
     dc.add_argument("--mode", choices=["ngram", "exact"], default="ngram",
                     help="exact: flag only prompts containing a whole normalised evaluation text")
     dc.add_argument("--remove", action="store_true", help="write clean copies under OUTPUT/clean and a manifest")
-    dc.add_argument("--workers", type=int, help="processes (default: the CPU count, at most 8)")
-    dc.add_argument("--min-words", type=int, default=4,
+    dc.add_argument("--workers", type=positive_int, help="processes (default: the CPU count, at most 8)")
+    dc.add_argument("--min-words", type=natural_int, default=4,
                     help="evaluation items with fewer words (and fewer than --ngram) are not checked, only counted")
     dc.set_defaults(func=cmd_decontaminate)
 
@@ -263,11 +264,11 @@ def add_parsers(dsub) -> None:
                     help="files of base requests: self-instruct tasks, hh-rlhf pairs, GSM8K, personas, prompt files")
     co.add_argument("--against", action="append", required=True,
                     help="evaluation sets the requests must not overlap, as for decontaminate (ifeval=PATH); repeatable")
-    co.add_argument("--n", type=int, default=2000, help="prompts to write")
-    co.add_argument("--min-constraints", type=int, default=1)
-    co.add_argument("--max-constraints", type=int, default=3)
-    co.add_argument("--ngram", type=int, default=8, help="words per n-gram of the overlap check")
-    co.add_argument("--threshold", type=float, default=0.5, help="share of an evaluation item's n-grams that flags")
+    co.add_argument("--n", type=positive_int, default=2000, help="prompts to write")
+    co.add_argument("--min-constraints", type=natural_int, default=1)
+    co.add_argument("--max-constraints", type=positive_int, default=3)
+    co.add_argument("--ngram", type=positive_int, default=8, help="words per n-gram of the overlap check")
+    co.add_argument("--threshold", type=fraction, default=0.5, help="share of an evaluation item's n-grams that flags")
     _common(co, engine=False)
     co.set_defaults(func=cmd_constraints)
 
@@ -282,7 +283,7 @@ def add_parsers(dsub) -> None:
     pe.add_argument("--personas", default=str(EXAMPLE_PERSONAS), help="JSONL with a 'persona' field (default: 24 examples)")
     pe.add_argument("--skill", required=True, choices=["math", "code", "ifeval"])
     pe.add_argument("--engine", required=True, help="local model or openai:<model>@<base_url>")
-    pe.add_argument("--n", type=int, default=1000)
+    pe.add_argument("--n", type=positive_int, default=1000)
     pe.add_argument("--generator-license", help="license of the generator's outputs (default: from its model card)")
     _common(pe)
     pe.set_defaults(func=cmd_persona)
@@ -290,7 +291,7 @@ def add_parsers(dsub) -> None:
     so = dsub.add_parser("solve", help="sample step-by-step solutions, answers extracted by the verifier")
     so.add_argument("--prompts", nargs="+", required=True)
     so.add_argument("--engine", required=True)
-    so.add_argument("--samples", type=int, default=4)
+    so.add_argument("--samples", type=positive_int, default=4)
     so.add_argument("--verifier", default="gsm8k", choices=["gsm8k", "math"], help="for prompts that do not name one")
     _common(so)
     so.set_defaults(func=cmd_solve)
@@ -299,16 +300,16 @@ def add_parsers(dsub) -> None:
                                            "keep the finished ones that pass")
     rj.add_argument("--prompts", nargs="+", required=True, help="verifiable prompt files (ground_truth + verifier)")
     rj.add_argument("--engine", required=True)
-    rj.add_argument("--samples", type=int, default=4, help="responses drawn per prompt")
-    rj.add_argument("--min-score", type=float, default=1.0, help="keep responses the verifier scores at least this")
-    rj.add_argument("--per-prompt", type=int, default=1, help="kept responses per prompt at most (best first)")
+    rj.add_argument("--samples", type=positive_int, default=4, help="responses drawn per prompt")
+    rj.add_argument("--min-score", type=finite_float, default=1.0, help="keep responses the verifier scores at least this")
+    rj.add_argument("--per-prompt", type=positive_int, default=1, help="kept responses per prompt at most (best first)")
     rj.add_argument("--generator-license", help="license of the generator's outputs (default: the model's)")
     _common(rj)
     rj.set_defaults(func=cmd_rejection)
 
     sc = dsub.add_parser("selfconsistency", help="keep prompts whose solutions agree (majority vote)")
     sc.add_argument("--in", dest="input", required=True, help="the output of `posttrain data solve`")
-    sc.add_argument("--min-agreement", type=float, default=0.5, help="the majority answer's share of the samples")
+    sc.add_argument("--min-agreement", type=fraction, default=0.5, help="the majority answer's share of the samples")
     _common(sc, engine=False)
     sc.set_defaults(func=cmd_selfconsistency)
 
@@ -322,7 +323,7 @@ def add_parsers(dsub) -> None:
 
     se = dsub.add_parser("select", help="s1 selection: quality, difficulty, diversity down to --size")
     se.add_argument("--in", dest="input", required=True)
-    se.add_argument("--size", type=int, required=True)
+    se.add_argument("--size", type=positive_int, required=True)
     se.add_argument("--difficulty-models", help="comma-separated engines; drop questions any of them answers right")
     se.add_argument("--domain-field", help="the field holding each record's domain")
     se.add_argument("--domain-engine", help="an engine that labels domains (when there is no --domain-field)")
@@ -333,7 +334,7 @@ def add_parsers(dsub) -> None:
     si = dsub.add_parser("self-instruct", help="bootstrap new instructions from seed tasks")
     si.add_argument("--seed-tasks", required=True, help="JSONL with 'instruction' (self-instruct's seed_tasks.jsonl)")
     si.add_argument("--engine", required=True)
-    si.add_argument("--n", type=int, default=500)
-    si.add_argument("--requests-per-round", type=int, default=8, help="generation requests per round")
+    si.add_argument("--n", type=positive_int, default=500)
+    si.add_argument("--requests-per-round", type=positive_int, default=8, help="generation requests per round")
     _common(si)
     si.set_defaults(func=cmd_self_instruct)

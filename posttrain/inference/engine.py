@@ -135,6 +135,11 @@ class TransformersEngine:
     def encode(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
 
+    @property
+    def max_model_len(self) -> int | None:
+        """The longest prompt plus completion the model's positions allow."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     @torch.no_grad()
     def generate(self, prompts: list, sampling: SamplingParams | None = None,
                  on_text: Callable[[int, str], None] | None = None) -> list[Completion]:

@@ -77,6 +77,8 @@ class VLLMEngine:
         except (OSError, ValueError) as e:
             raise UserError(f"vllm: could not start an engine for {path} ({str(e).splitlines()[0]})") from None
         self._SamplingParams = vllm.SamplingParams
+        config = getattr(self.llm.llm_engine, "model_config", None)
+        self.max_model_len: int | None = getattr(config, "max_model_len", None)  # prompt plus completion
 
     def encode(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)

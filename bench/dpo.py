@@ -48,14 +48,17 @@ def hh_pairs(n: int, max_chars: int) -> list[dict]:
 
 
 def run_posttrain(model: str, data: Path, out: Path, args) -> tuple[float, float, float]:
-    from posttrain.config import DPOConfig, load_config
+    from posttrain.config import DPOConfig
+    from posttrain.config_io import load_config
     from posttrain.train.dpo import run_dpo
 
     cfg = load_config(DPOConfig, base={
         "model": model, "output_dir": str(out), "datasets": [{"path": str(data)}], "loss_type": "dpo", "beta": 0.1,
         "max_seq_length": args.max_length, "per_device_train_batch_size": args.batch_size, "max_steps": args.steps,
         "learning_rate": 5e-7, "save_steps": 0, "logging_steps": 1, "overwrite_output_dir": True,
-        "per_device_eval_batch_size": args.batch_size, "gradient_checkpointing": args.gc})
+        "per_device_eval_batch_size": args.batch_size, "gradient_checkpointing": args.gc,
+        "dtype": getattr(args, "dtype", "float32"), "chat_template": getattr(args, "chat_template", None),
+        "decontaminate_against": getattr(args, "decontaminate_against", None)})
     os.environ["POSTTRAIN_CACHE"] = str(out / "cache")  # a fresh reference cache: time the reference pass
     t = time.perf_counter()
     run_dpo(cfg)
@@ -85,11 +88,17 @@ def run_trl(model: str, data: Path, out: Path, args) -> tuple[float, float, floa
     config = DPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                        gradient_accumulation_steps=1, learning_rate=5e-7, beta=0.1, loss_type=["sigmoid"],
                        max_length=args.max_length, precompute_ref_log_probs=True,
-                       precompute_ref_batch_size=args.batch_size, use_cpu=True, bf16=False, fp16=False,
+                       precompute_ref_batch_size=args.batch_size, use_cpu=getattr(args, "device", "cpu") == "cpu",
+                       bf16=getattr(args, "dtype", "float32") == "bfloat16", fp16=False,
                        logging_steps=args.steps, save_strategy="no", report_to=[], dataloader_num_workers=0,
                        seed=42, disable_tqdm=True, gradient_checkpointing=args.gc)
     t = time.perf_counter()
-    trainer = DPOTrainer(model=load_model(model), args=config, processing_class=load_tokenizer(model),
+    tokenizer = load_tokenizer(model)
+    if getattr(args, "chat_template", None):
+        from posttrain.data import chat
+
+        chat.use_template(tokenizer, args.chat_template)
+    trainer = DPOTrainer(model=load_model(model, getattr(args, "dtype", "float32")), args=config, processing_class=tokenizer,
                          train_dataset=load_dataset("json", data_files=str(data), split="train"),
                          callbacks=[Clock()])
     trainer.train()

@@ -50,7 +50,8 @@ def prompts_file(path: Path, n: int) -> Path:
 def run_posttrain(model: str, data: Path, out: Path, args, batch: int, engine: str,
                   async_steps: int = 0) -> tuple[float, dict]:
     """Rollouts/s, and the median seconds of a step's parts (steps after the first)."""
-    from posttrain.config import RLVRConfig, load_config
+    from posttrain.config import RLVRConfig
+    from posttrain.config_io import load_config
     from posttrain.train.rlvr import run_rlvr
 
     server = start_server(model, batch) if engine == "vllm-server" else None
@@ -62,7 +63,10 @@ def run_posttrain(model: str, data: Path, out: Path, args, batch: int, engine: s
             "learning_rate": 1e-6, "save_steps": 0, "temperature": 1.0, "loss_type": "token_mean",
             "engine": "vllm" if server else engine, "vllm_servers": [server[1]] if server else [],
             "async_steps": async_steps, "vllm_importance_sampling_cap": 2.0 if async_steps else None,
-            "decontaminate_against": []})
+            "decontaminate_against": [], "dtype": getattr(args, "dtype", "float32"),
+            "chat_template": getattr(args, "chat_template", None),
+            **({"vllm_gpu_memory_utilization": args.vllm_memory} if getattr(args, "vllm_memory", None) and engine == "vllm"
+               else {})})
         run_rlvr(cfg)
     finally:
         if server:
@@ -108,6 +112,7 @@ def run_trl(model: str, data: Path, out: Path, args, batch: int) -> float:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from posttrain.models import load_model, load_tokenizer
     from posttrain.rewards import get_verifier
 
     verify = get_verifier("gsm8k")
@@ -128,9 +133,16 @@ def run_trl(model: str, data: Path, out: Path, args, batch: int) -> float:
     config = GRPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=batch,
                         num_generations=args.generations, generation_batch_size=batch,
                         max_completion_length=args.completion_length, learning_rate=1e-6, beta=0.0,
-                        temperature=1.0, use_vllm=False, use_cpu=True, bf16=False, gradient_checkpointing=False,
+                        temperature=1.0, use_vllm=False, use_cpu=getattr(args, "device", "cpu") == "cpu",
+                        bf16=getattr(args, "dtype", "float32") == "bfloat16", gradient_checkpointing=False,
                         report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, loss_type="bnpo")
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=ds, callbacks=[Clock()])
+    tokenizer = load_tokenizer(model)
+    if getattr(args, "chat_template", None):
+        from posttrain.data import chat
+
+        chat.use_template(tokenizer, args.chat_template)
+    trainer = GRPOTrainer(model=load_model(model, getattr(args, "dtype", "float32")), reward_funcs=reward, args=config,
+                          train_dataset=ds, processing_class=tokenizer, callbacks=[Clock()])
     trainer.train()
     return rate(points)
 

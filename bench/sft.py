@@ -48,14 +48,17 @@ def tiny(workdir: Path) -> str:
 
 
 def run_posttrain(model: str, data: Path, out: Path, args) -> float:
-    from posttrain.config import SFTConfig, load_config
+    from posttrain.config import SFTConfig
+    from posttrain.config_io import load_config
     from posttrain.train.sft import run_sft
 
     cfg = load_config(SFTConfig, base={
         "model": model, "output_dir": str(out), "datasets": [{"path": str(data)}], "packing": True,
         "max_seq_length": args.max_length, "per_device_train_batch_size": args.batch_size, "max_steps": args.steps,
         "learning_rate": 2e-5, "save_steps": 0, "logging_steps": 1, "overwrite_output_dir": True,
-        "gradient_checkpointing": args.gc, "freeze_embeddings": args.freeze, "chat_template": args.chat_template})
+        "gradient_checkpointing": args.gc, "freeze_embeddings": args.freeze, "chat_template": args.chat_template,
+        "dtype": getattr(args, "dtype", "float32"),
+        "decontaminate_against": getattr(args, "decontaminate_against", None)})
     run_sft(cfg)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return rate([(x["elapsed_seconds"], x["num_input_tokens_seen"]) for x in lines])
@@ -79,10 +82,11 @@ def run_trl(model: str, data: Path, out: Path, args) -> float:
 
     config = SFTConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                        gradient_accumulation_steps=1, learning_rate=2e-5, max_length=args.max_length, packing=True,
-                       use_cpu=True, bf16=False, fp16=False, logging_steps=args.steps, save_strategy="no", report_to=[],
+                       use_cpu=getattr(args, "device", "cpu") == "cpu", bf16=getattr(args, "dtype", "float32") == "bfloat16",
+                       fp16=False, logging_steps=args.steps, save_strategy="no", report_to=[],
                        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, seed=42,
                        disable_tqdm=True, gradient_checkpointing=args.gc)
-    policy = load_model(model)
+    policy = load_model(model, getattr(args, "dtype", "float32"))
     if args.freeze:
         for emb in (policy.get_input_embeddings(), policy.get_output_embeddings()):
             emb.weight.requires_grad_(False)

@@ -8,18 +8,9 @@ import sys
 
 from posttrain.argtypes import natural_float, port, positive_float, positive_int
 from posttrain.errors import UserError
+from posttrain.stages import STAGES
 
 USAGE_OVERRIDES = "config overrides as key=value (dotted keys reach into lists and mappings: datasets.0.count=100)"
-STAGE_HELP = {  # one subcommand per entry of posttrain.stages.STAGES (a test checks they agree)
-    "sft": "supervised fine-tuning (assistant-only loss, packing, LoRA)",
-    "dpo": "preference tuning: dpo, dpo_norm, simpo, ipo (cached reference log-probs)",
-    "reward": "train a Bradley-Terry reward model (sequence classifier)",
-    "rlvr": "RL with verifiable rewards: GRPO or PPO on prompts with checkable answers",
-    "midtrain": "next-token training on text: warmup + cosine, or a linear anneal to zero",
-}
-DOCS = {"sft": "sft", "dpo": "dpo", "reward": "dpo", "rlvr": "rlvr", "midtrain": "midtrain"}
-
-
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -39,11 +30,10 @@ def _close_process_group() -> None:
 
 
 def cmd_stage(args) -> None:
-    from posttrain.config import load_config
-    from posttrain.stages import STAGES
+    from posttrain.config_io import load_config
 
-    config_class, run = STAGES[args.command]
-    run(load_config(config_class, args.config, args.overrides))
+    stage = STAGES[args.command]
+    stage.run(load_config(stage.config, args.config, args.overrides))
 
 
 def _int_list(text: str, flag: str, low: int = 0) -> list[int]:
@@ -191,8 +181,11 @@ def parser() -> argparse.ArgumentParser:
                                 description="Post-train language models: the Tulu 3 recipe, open and reproducible.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    for name, text in STAGE_HELP.items():
-        s = sub.add_parser(name, help=text, description=f"{text}. Keys and defaults: docs/{DOCS[name]}.md.")
+    for stage in STAGES.values():
+        if not stage.trains:  # recipe-only stages: posttrain eval and posttrain tts are their commands
+            continue
+        s = sub.add_parser(stage.name, help=stage.help, description=f"{stage.help}. Keys and defaults: "
+                                                                   f"docs/{stage.docs}.md.")
         s.add_argument("--config", help="YAML file of config keys (optional: key=value overrides alone work too)")
         s.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
         s.set_defaults(func=cmd_stage)

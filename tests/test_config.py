@@ -1,6 +1,7 @@
 import pytest
 
-from posttrain.config import SFTConfig, config_hash, load_config
+from posttrain.config import SFTConfig
+from posttrain.config_io import config_hash, load_config
 from posttrain.errors import UserError
 
 

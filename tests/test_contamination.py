@@ -6,7 +6,8 @@ import json
 import pytest
 from conftest import addition_records, write_jsonl
 
-from posttrain.config import SFTConfig, load_config
+from posttrain.config import SFTConfig
+from posttrain.config_io import load_config
 from posttrain.errors import UserError
 from posttrain.train.sft import run_sft
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import DATA, write_jsonl
 
 from posttrain.cli import main
-from posttrain.data.decontam import NgramIndex, check_texts, decontaminate, eval_instances, prompt_text
+from posttrain.data.decontam import NgramIndex, check_texts, decontaminate, prompt_text
+from posttrain.eval.instances import eval_instances
 from posttrain.errors import UserError
 
 
@@ -127,5 +128,6 @@ def test_prompt_text_reads_every_format_and_names_a_bad_record(tmp_path):
     assert prompt_text({"prompt": "p", "chosen": "c", "rejected": "r"}, "x") == "p"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "ok"}]}, {"text": "no prompt"}])
     with pytest.raises(UserError, match=r"bad.jsonl:2: no user text found.*fields present: text"):
-        decontaminate([str(bad)], [f"math500={DATA / 'math' / 'math500_dev.jsonl'}"], tmp_path / "o")
+        against = [f"math500={DATA / 'math' / 'math500_dev.jsonl'}"]
+        decontaminate([str(bad)], against, eval_instances(against), tmp_path / "o")
     assert not (tmp_path / "o" / "report.json").exists()

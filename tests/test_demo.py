@@ -7,8 +7,7 @@ from posttrain.demo import run_demo
 
 
 def test_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
-    small = ["midtrain.max_steps=20", "anneal.total_tokens=5120", "sft.max_steps=200", "dpo.max_steps=5",
-             "rlvr.max_steps=5", "tts.majority=[1,3]"]
+    small = ["tts.majority=[1,3]"]  # the recipe as shipped (the README's table), majority voting cut to 3
     assert main(["demo", "--output", str(tmp_path / "full")] + small) == 0
     root = tmp_path / "full"
     stages = json.loads((root / "summary.json").read_text())
@@ -16,7 +15,10 @@ def test_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     assert set(stages[-1]["majority"]) == {"1", "3"} and stages[-1]["heldout_accuracy"] == stages[-1]["majority"]["3"]
     assert stages[3]["tokens"] > 0 and stages[5]["tokens"] > 0
     assert all(0.0 <= s["heldout_accuracy"] <= 1.0 and "add" in s and "mul" in s for s in stages)
-    assert stages[3]["heldout_accuracy"] > stages[0]["heldout_accuracy"]  # SFT learns something
+    acc = {s["stage"]: s["heldout_accuracy"] for s in stages}
+    print(json.dumps(acc))
+    # the README's gains (measured: SFT +0.28, DPO +0.08, GRPO +0.16), with room for another CPU's rounding
+    assert acc["sft"] >= acc["base"] + 0.2 and acc["dpo"] >= acc["sft"] + 0.04 and acc["rlvr"] >= acc["dpo"] + 0.1, acc
     held = {json.loads(x)["messages"][0]["content"] for x in (root / "data" / "heldout.jsonl").read_text().splitlines()}
     for name in ("sft.jsonl", "rlvr.jsonl"):
         assert not held & {json.loads(x)["messages"][0]["content"] for x in (root / "data" / name).read_text().splitlines()}

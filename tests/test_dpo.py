@@ -8,10 +8,11 @@ import torch
 from conftest import parity_pairs, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
-from posttrain.config import DPOConfig, RewardConfig, load_config
+from posttrain.config import DPOConfig, RewardConfig
+from posttrain.config_io import load_config
 from posttrain.data import chat, packing
 from posttrain.data.adapters import to_kind
-from posttrain.inference.logprobs import TokenLogProbs, collate
+from posttrain.logprobs import TokenLogProbs, collate
 from posttrain.models import load_model, load_tokenizer
 from posttrain.train import reference
 from posttrain.train.dpo import dpo_objective, preference_accuracy, run_dpo, tokenize_pairs

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import addition_records, thinker_model, thinking_records, write_jsonl
 
-from posttrain.config import SFTConfig, load_config
+from posttrain.config import SFTConfig
+from posttrain.config_io import load_config
 from posttrain.errors import UserError
 from posttrain.eval.runner import evaluate, evaluate_checkpoints
 from posttrain.eval.tasks import SUITES, TASKS, resolve_tasks

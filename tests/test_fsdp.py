@@ -13,21 +13,22 @@ at 1e-4 for that reason; the other stages pass at 1e-3."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
-from conftest import mod2_task_files, multi_turn_records, wait_for_checkpoint, write_jsonl
+from conftest import mod2_task_files, multi_turn_records, write_jsonl
 from safetensors.torch import load_file
 
-from posttrain.config import SFTConfig, load_config
+from posttrain.config import SFTConfig
+from posttrain.config_io import load_config
 from posttrain.errors import UserError
 from posttrain.train import checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "posttrain.cli"]
 ONE = [sys.executable, "-m", "posttrain.cli"]
+KILL_AFTER = os.path.join(os.path.dirname(__file__), "kill_after.py")
 
 
 @pytest.fixture(scope="module")
@@ -55,28 +56,6 @@ def stage_config(tasks, stage: str, tmp_path, tiny_model_dir) -> str:
 
 def curve(run_dir, key="loss") -> list[float]:
     return [json.loads(x)[key] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (threads may end while they are read: skipped)."""
-    from pathlib import Path
-
-    kids = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            kids += [int(k) for k in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return [d for k in kids for d in (k, *descendants(k))]
-
-
-def kill_9(pid: int) -> None:
-    """SIGKILL a launcher and its workers (each in its own session, so not one process group)."""
-    for p in [pid, *descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def max_weight_diff(a, b, name="model.safetensors") -> float:
@@ -163,12 +142,12 @@ def test_sharded_checkpoints_survive_kill_9_and_resume(parallel, tasks, tmp_path
 
     for name, resume in (("again-on-2", []), ("on-1", ["per_device_train_batch_size=4"])):
         run_dir = tmp_path / name
-        proc = subprocess.Popen(sft(run_dir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_checkpoint(proc, run_dir, 20)
-        kill_9(proc.pid)
-        proc.wait()
-        assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"
+        # both processes SIGKILLed right after checkpoint 20 is in place (tests/kill_after.py)
+        killed = subprocess.run(TORCHRUN[:-2] + [KILL_AFTER, "20", "sft", "--config", str(cfg), f"output_dir={run_dir}"],
+                                env=ENV, capture_output=True, timeout=600)
+        assert killed.returncode != 0 and not (run_dir / "manifest.json").exists()
         killed_at = int(checkpoint.latest(run_dir).name.split("-")[1])
+        assert killed_at == 20
         got = subprocess.run(sft(run_dir, *resume, n=1 if resume else 2), env=ENV, capture_output=True, text=True,
                              timeout=600)
         if resume and parallel == "deepspeed":

@@ -206,10 +206,14 @@ def test_cispo_keeps_every_tokens_gradient_with_a_capped_weight_by_hand():
 
 
 def test_dapo_is_the_global_token_mean_with_clip_higher():
-    from posttrain.config import RLVRConfig, load_config
+    from posttrain.config import RLVRConfig
+    from posttrain.config_io import load_config
 
-    cfg = load_config(RLVRConfig, base={"model": "m", "output_dir": "o", "datasets": [{"path": "p"}], "loss_type": "dapo"})
-    assert cfg.epsilon_high == 0.28
+    base = {"model": "m", "output_dir": "o", "datasets": [{"path": "p"}]}
+    cfg = load_config(RLVRConfig, base={**base, "loss_type": "dapo"})
+    assert (cfg.epsilon_high, cfg.clip_high) == (None, 0.28)  # validate() leaves the config as given
+    assert load_config(RLVRConfig, base={**base, "loss_type": "dapo", "epsilon_high": 0.3}).clip_high == 0.3
+    assert load_config(RLVRConfig, base={**base, "epsilon": 0.1}).clip_high == 0.1
     g = torch.Generator().manual_seed(2)
     logp = -torch.rand(2, 4, generator=g, dtype=torch.float64)
     old = logp + 0.3 * torch.randn(2, 4, generator=g, dtype=torch.float64)

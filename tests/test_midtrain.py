@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.cli import main
-from posttrain.config import DataSource, MidtrainConfig, load_config
+from posttrain.config import DataSource, MidtrainConfig
+from posttrain.config_io import load_config
 from posttrain.data.synth import arithmetic as ar
 from posttrain.errors import UserError
 from posttrain.models import build_tiny, load_tokenizer

@@ -39,9 +39,11 @@ def test_same_outputs_as_the_local_engine(local):
 
 
 def test_retries_through_rate_limits_server_errors_timeouts_and_drops(local):
-    server, url = start(local, faults=[429, 500, 503, "timeout", "drop", 502], fault_delay=3.0)
+    # the "timeout" answer comes after 60 s: the client's 5 s timeout always fires first, and no real
+    # answer of 6 tokens comes near it
+    server, url = start(local, faults=[429, 500, 503, "timeout", "drop", 502], fault_delay=60.0)
     try:
-        engine = OpenAIEngine("tiny", url, concurrency=1, timeout=1.0, backoff=0.01)
+        engine = OpenAIEngine("tiny", url, concurrency=1, timeout=5.0, backoff=0.01)
         outs = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=6, temperature=0.0))
         assert [o.text for o in outs] == [o.text for o in local.generate(PROMPTS[:2], SamplingParams(max_new_tokens=6))]
         assert engine.stats["retries"] == 6 and engine.stats["requests"] == 8

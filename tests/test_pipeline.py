@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import addition_records, write_jsonl
@@ -16,6 +15,7 @@ from posttrain.pipeline import load_recipe, run
 from posttrain.train import checkpoint
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
+KILL_AFTER = os.path.join(os.path.dirname(__file__), "kill_after.py")
 
 
 def recipe(tmp_path, tiny_model_dir, max_steps=30):
@@ -84,19 +84,12 @@ def test_a_failed_stage_keeps_the_times_of_the_stages_before_it(tmp_path, tiny_m
 
 
 def test_a_killed_stage_resumes(tmp_path, tiny_model_dir):
-    path = recipe(tmp_path, tiny_model_dir, max_steps=400)
+    path = recipe(tmp_path, tiny_model_dir, max_steps=40)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        last = checkpoint.latest(tmp_path / "run" / "sft")
-        if last is not None and int(last.name.split("-")[1]) >= 20:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "run" / "sft" / "manifest.json").exists(), "finished before it could be killed"
+    killed = subprocess.run([sys.executable, KILL_AFTER, "20", "run", str(path)], env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "run" / "sft" / "manifest.json").exists()
+    assert checkpoint.latest(tmp_path / "run" / "sft").name == "checkpoint-20"
     again = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(path)], env=env, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -120,7 +113,8 @@ def test_bad_recipes(tmp_path):
 def test_shipped_recipes_are_valid(name, tmp_path):
     """Every stage of the shipped recipes builds a valid config (the data itself lives on the hub)."""
     from posttrain import config as cfgmod
-    from posttrain.pipeline import TRAINING
+    from posttrain.config_io import load_config
+    from posttrain.stages import TRAINING
 
     path = os.path.join(os.path.dirname(__file__), "..", "recipes", name)
     classes = {"midtrain": cfgmod.MidtrainConfig, "sft": cfgmod.SFTConfig, "dpo": cfgmod.DPOConfig,
@@ -131,7 +125,7 @@ def test_shipped_recipes_are_valid(name, tmp_path):
     model = None
     for s in load_recipe(path)["stages"]:
         if s["stage"] in TRAINING:
-            cfg = cfgmod.load_config(classes[s["stage"]], base={"model": model, "output_dir": str(tmp_path), **s["config"]})
+            cfg = load_config(classes[s["stage"]], base={"model": model, "output_dir": str(tmp_path), **s["config"]})
             model = cfg.model
         else:
             assert s["config"].get("tasks")
@@ -143,7 +137,7 @@ def test_real_model_recipes_run_a_few_steps_on_a_tiny_stand_in(name, tmp_path, t
     family in place of the real one, from the repository root as documented: their keys and data
     files stay valid."""
     from posttrain.models import build_tiny
-    from posttrain.pipeline import TRAINING
+    from posttrain.stages import TRAINING
 
     if name.startswith("gemma3"):
         tiny_model_dir = tmp_path / "gemma3"

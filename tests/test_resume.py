@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import multi_turn_records, wait_for_checkpoint, write_jsonl
+from conftest import multi_turn_records, write_jsonl
 from safetensors.torch import load_file
 
 from posttrain.train import checkpoint
@@ -26,6 +26,9 @@ def _config(tmp_path, stage, model, data, out):
     p.write_text(f"model: {model}\noutput_dir: {out}\nchat_template: tulu\ndatasets:\n  - path: {data}\n"
                  + extra + COMMON)
     return p
+
+
+KILL_AFTER = os.path.join(os.path.dirname(__file__), "kill_after.py")
 
 
 def _cmd(stage, cfg):
@@ -47,14 +50,12 @@ def test_sigkill_and_resume_gives_identical_weights(stage, tmp_path, tiny_model_
                    capture_output=True, timeout=600)
 
     cfg = _config(tmp_path, stage, model, data, run_dir)
-    proc = subprocess.Popen(_cmd(stage, cfg), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_checkpoint(proc, run_dir, 40)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"
+    killed = subprocess.run([sys.executable, KILL_AFTER, "40", *_cmd(stage, cfg)[3:]], env=env, capture_output=True,
+                            timeout=600)  # SIGKILLed right after checkpoint 40 is in place
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run_dir / "manifest.json").exists()
     killed_at = int(checkpoint.latest(run_dir).name.split("-")[1])
-    assert 40 <= killed_at < 120
+    assert killed_at == 40
     # debris a crash can leave: a half-written temporary checkpoint and a directory with no state file
     (run_dir / "checkpoints" / ".tmp-checkpoint-999-x").mkdir()
     (run_dir / "checkpoints" / "checkpoint-998").mkdir()
@@ -80,7 +81,7 @@ def test_publish_dir_swaps_in_one_step_and_a_torn_metrics_line_is_dropped(tmp_pa
     import json as _json
 
     from posttrain.atomic import publish_dir, read_jsonl_appended
-    from posttrain.train.loop import trim_metrics
+    from posttrain.train.checkpoint import trim_metrics
 
     final, new = tmp_path / "final", tmp_path / ".tmp-final"
     final.mkdir()

@@ -11,18 +11,21 @@ import sys
 
 import pytest
 import torch
-from conftest import mod2_prompt, mod2_task_files, wait_for_checkpoint, write_jsonl
+from conftest import mod2_prompt, mod2_task_files, write_jsonl
 from safetensors.torch import load_file
 
-from posttrain.config import DataSource, RLVRConfig, load_config
+from posttrain.config import DataSource, RLVRConfig
+from posttrain.config_io import load_config
 from posttrain.data.mixing import mix
 from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams, TransformersEngine
 from posttrain.models import load_model, load_tokenizer
 from posttrain.train import checkpoint
-from posttrain.train.rlvr import accuracy_fn, completion_records, make_scorer, micro_batches, prepare_prompts, run_rlvr
+from posttrain.train.rl.rows import micro_batches
+from posttrain.train.rlvr import accuracy_fn, completion_records, make_scorer, prepare_prompts, run_rlvr
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
+KILL_AFTER = os.path.join(os.path.dirname(__file__), "kill_after.py")
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +67,7 @@ def rollout_batch(task, n_prompts=8):
 
 @pytest.mark.parametrize("share", ["always", "never"])
 def test_rollout_logprobs_line_up_with_the_training_forward(mod2_task, share):
-    from posttrain.inference.logprobs import TokenLogProbs
+    from posttrain.logprobs import TokenLogProbs
     from posttrain.train.rl.rows import model_inputs
 
     cfg, tok, model, engine, mine, comps = rollout_batch(mod2_task)
@@ -82,7 +85,7 @@ def test_rollout_logprobs_line_up_with_the_training_forward(mod2_task, share):
 def test_a_shared_prompt_row_gives_the_gradients_of_separate_rows(mod2_task, float64_llama):
     """In float64 (see float64_llama) a row ``P C1..CG`` gives the log-probs and gradients of the G
     separate rows ``P Ci`` to rounding error (1e-12 of their scale; float64's u is 1.1e-16)."""
-    from posttrain.inference.logprobs import TokenLogProbs
+    from posttrain.logprobs import TokenLogProbs
     from posttrain.train.rl.rows import model_inputs
 
     cfg, tok, _, engine, mine, comps = rollout_batch(mod2_task, n_prompts=4)
@@ -117,10 +120,11 @@ def test_the_gradient_of_a_step_is_the_same_for_any_micro_batch_split(mod2_task,
     is off by a factor of order 1)."""
     from accelerate import Accelerator
 
-    from posttrain.inference.logprobs import TokenLogProbs
+    from posttrain.logprobs import TokenLogProbs
     from posttrain.train.loop import Run
     from posttrain.train.reward import PolicyAndValue, load_value_model
-    from posttrain.train.rlvr import prepare_advantages, rl_objective
+    from posttrain.train.rl.prepare import prepare_advantages
+    from posttrain.train.rlvr import rl_objective
 
     _, tok, _, engine, mine, comps = rollout_batch(mod2_task)
     cfg = rl_config(mod2_task, "unused", algorithm=algorithm, loss_type=loss_type, advantage=advantage, beta=0.0,
@@ -243,12 +247,12 @@ def test_sigkill_and_resume_gives_identical_weights(mod2_task, tmp_path, algorit
     cmd = lambda cfg: [sys.executable, "-m", "posttrain.cli", "rlvr", "--config", str(cfg)]  # noqa: E731
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     subprocess.run(cmd(yaml(ref_dir)), check=True, env=env, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cmd(yaml(run_dir)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_checkpoint(proc, run_dir, 20)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"
+    killed = subprocess.run([sys.executable, KILL_AFTER, "20", "rlvr", "--config", str(yaml(run_dir))], env=env,
+                            capture_output=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]  # right after checkpoint 20 was written
+    assert not (run_dir / "manifest.json").exists()
     killed_at = int(checkpoint.latest(run_dir).name.split("-")[1])
+    assert killed_at == 20
     resumed = subprocess.run(cmd(yaml(run_dir)), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"checkpoint-{killed_at}" in resumed.stderr

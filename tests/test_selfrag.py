@@ -182,7 +182,8 @@ def test_segment_score_by_hand(fact_index):
 def test_sft_with_reflection_tokens_saves_a_grown_vocabulary_and_masks_passages(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.config import SFTConfig, load_config
+    from posttrain.config import SFTConfig
+    from posttrain.config_io import load_config
     from posttrain.train.sft import run_sft
 
     reply = "[Retrieval]<paragraph>Ana Lor was born in Ropa.</paragraph>[Relevant]In Ropa.[Fully supported][Utility:5]"

@@ -8,10 +8,11 @@ from conftest import addition_records, multi_turn_records, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.config import SFTConfig, load_config
+from posttrain.config import SFTConfig
+from posttrain.config_io import load_config
 from posttrain.data import chat, packing
 from posttrain.errors import UserError
-from posttrain.inference.logprobs import TokenLogProbs, collate
+from posttrain.logprobs import TokenLogProbs, collate
 from posttrain.models import load_model, load_tokenizer
 from posttrain.train.sft import run_sft, sft_objective, tokenize_records
 
@@ -58,7 +59,7 @@ def test_token_logprobs_match_the_models_own_loss(tiny_model_dir):
 def test_chunked_head_gives_the_unchunked_values_and_gradients(tiny_model_dir, monkeypatch):
     """A large vocabulary's head runs over checkpointed chunks of tokens; in float64 the log-probs and
     gradients equal the unchunked ones up to rounding (1e-12: chunk sums add in another order)."""
-    from posttrain.inference import logprobs
+    from posttrain import logprobs
 
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir)).double()
     batch = collate(packing.unpacked(samples_for(tok, multi_turn_records(6))), tok.pad_token_id)
@@ -83,7 +84,7 @@ def test_a_frozen_head_gives_the_models_own_values_and_gradients(tiny_model_dir,
     """With the head frozen (freeze_embeddings), FrozenHeadLogProbs computes the hidden states'
     gradient in the forward pass. Reference: transformers' own full logits, log-softmax at temperature
     0.7 and autograd, in float64; they agree to rounding (1e-12 of the gradient's scale)."""
-    from posttrain.inference import logprobs
+    from posttrain import logprobs
 
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir)).double()
     model.get_input_embeddings().weight.requires_grad_(False)

@@ -10,10 +10,10 @@ import torch
 from conftest import mod2_task_files, thinker_model, thinking_records
 from test_rlvr import documented_metrics, heldout_accuracy
 
-from posttrain.config import load_config
+from posttrain.config_io import load_config
 from posttrain.inference import budget_forcing
 from posttrain.inference.engine import SamplingParams, TransformersEngine
-from posttrain.inference.logprobs import TokenLogProbs
+from posttrain.logprobs import TokenLogProbs
 from posttrain.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.vllm

@@ -80,7 +80,8 @@ def cmd_arithmetic(args) -> None:
 def cmd_constraints(args) -> None:
     from collections import Counter
 
-    from posttrain.data.decontam import NgramIndex, check_texts, eval_instances
+    from posttrain.data.decontam import NgramIndex, check_texts
+    from posttrain.eval.instances import eval_instances
     from posttrain.data.synth.constraints import build, read_requests
 
     requests, dropped = read_requests(args.requests)
@@ -130,9 +131,10 @@ def cmd_conform(args) -> None:
 
 def cmd_decontaminate(args) -> None:
     from posttrain.data.decontam import decontaminate
+    from posttrain.eval.instances import eval_instances
 
     against = [a.strip() for item in args.against for a in item.split(",") if a.strip()]
-    report = decontaminate(args.train, against, args.output, n=args.ngram, threshold=args.threshold, mode=args.mode,
+    report = decontaminate(args.train, against, eval_instances(against), args.output, n=args.ngram, threshold=args.threshold, mode=args.mode,
                            remove=args.remove, workers=args.workers, min_words=args.min_words)
     s = report["summary"]
     for name, src in s["sources"].items():

@@ -235,27 +235,11 @@ class NgramIndex:
         return Match(inst.task, inst.index, inst.id, round(best, 6))
 
 
-def eval_instances(against: list[str]) -> list[EvalInstance]:
-    """Instances of the evaluation sets named by ``against``: suites (``suite:dev``), tasks
-    (``gsm8k``, loaded from the hub) and tasks with a local file (``gsm8k=PATH``). A task named with a
-    file anywhere in the list uses that file wherever it appears."""
-    from posttrain.eval.tasks import resolve_tasks
-    from posttrain.eval.tasks.base import load
-
-    paths = dict(a.split("=", 1) for a in against if "=" in a)
-    names = [a.split("=", 1)[0] for a in against]
-    out = []
-    for task in resolve_tasks(names):
-        for inst in load(task, paths.get(task.name), None):
-            out.append(EvalInstance(task.name, inst["index"], inst.get("id"), inst["text"]))
-    return out
-
-
 def train_sources(train: list[str]) -> list[dict]:
     """``train`` entries are data files / hub ids, or a YAML mix (a ``datasets:`` list of sources with
     ``path`` and optional ``split``/``name``, the training configs' format). Every record of a source
     is checked (a mix's ``count``/``fraction`` pick among them later)."""
-    from posttrain.config import read_yaml
+    from posttrain.config_io import read_yaml
 
     out = []
     for item in train:
@@ -300,11 +284,12 @@ def check_texts(index: NgramIndex, texts: list[str], threshold: float = 0.5, mod
     return [m for part in parts for m in part]
 
 
-def decontaminate(train: list[str], against: list[str], output: str | Path, n: int = 8, threshold: float = 0.5,
-                  mode: str = "ngram", remove: bool = False, examples: int = 3, workers: int | None = None,
-                  min_words: int = 4) -> dict:
-    """Check every record of every training source; write ``output/report.json`` (and with ``remove``
-    a clean copy of each source under ``output/clean/`` plus ``output/manifest.json``)."""
+def decontaminate(train: list[str], against: list[str], instances: list[EvalInstance], output: str | Path, n: int = 8,
+                  threshold: float = 0.5, mode: str = "ngram", remove: bool = False, examples: int = 3,
+                  workers: int | None = None, min_words: int = 4) -> dict:
+    """Check every record of every training source against ``instances`` (the evaluation sets named
+    ``against``: ``posttrain.eval.instances.eval_instances``); write ``output/report.json`` (and with
+    ``remove`` a clean copy of each source under ``output/clean/`` plus ``output/manifest.json``)."""
     from posttrain.atomic import write_json, write_text
     from posttrain.data.io import read_records
 
@@ -317,7 +302,7 @@ def decontaminate(train: list[str], against: list[str], output: str | Path, n: i
     workers = workers or min(os.cpu_count() or 1, 8)
     t0 = time.perf_counter()
     index = NgramIndex(n, min_words=min_words)
-    for inst in eval_instances(against):
+    for inst in instances:
         index.add(inst)
     build = time.perf_counter() - t0
     log(f"decontaminate: {len(index.instances)} evaluation instances, {len(index.postings)} distinct {n}-grams "

@@ -51,7 +51,7 @@ def generate_samples(task: Task, engine, instances: list[dict], seed: int, sampl
 def loglikelihood_samples(task: Task, model, tokenizer, instances: list[dict], batch_size: int = 16) -> list[dict]:
     """Sum of log-probabilities of each option's tokens after the prompt (``" " + option``)."""
     from posttrain.data import packing
-    from posttrain.inference.logprobs import TokenLogProbs, collate, per_sample
+    from posttrain.logprobs import TokenLogProbs, collate, per_sample
 
     scorer = TokenLogProbs(model)
     rows, owners = [], []
@@ -207,6 +207,14 @@ def checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
     if not found:
         raise UserError(f"{run}: no checkpoints (checkpoints/checkpoint-N) and no finished model")
     return found
+
+
+def run_eval_stage(config: dict, output: Path, model: str) -> dict:
+    """A recipe's ``eval`` stage: ``tasks`` (a list, or ``suite:NAME``) and ``evaluate``'s keys."""
+    tasks = config.pop("tasks", None)
+    if not tasks:
+        raise UserError("eval stage: config key 'tasks' is required (a list of tasks or suite:NAME)")
+    return evaluate(model, tasks if isinstance(tasks, list) else [tasks], output, **config)
 
 
 def evaluate_checkpoints(run: str | Path, task_names: list[str], output: str | Path, **kwargs) -> dict:

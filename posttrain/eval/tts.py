@@ -109,3 +109,11 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     plots.save(fig, path)
+
+
+def run_tts_stage(config: dict, output: Path, model: str) -> list[dict]:
+    """A recipe's ``tts`` stage: ``task``, ``max_thinking``, ``wait``, ``majority``, ``budget_forcing``
+    (``BudgetForcing``'s keys) and ``sweep``'s keys; its points."""
+    bf = budget_forcing.BudgetForcing(**config.pop("budget_forcing", {}))
+    return sweep(model, config.pop("task"), output, config.pop("max_thinking", []), config.pop("wait", []),
+                 config.pop("majority", [1]), bf, **config)["points"]

@@ -295,8 +295,8 @@ class TransformersEngine:
     def _scored(self, input_ids, attention, new, temperature: float) -> torch.Tensor:
         """The log-probs of the ``new`` tokens (``[B, steps]``, 0 on finished slots) from one forward over
         prompt + completion, rather than logits kept at every step of ``generate`` (``[B, steps, vocab]``:
-        17 GB for 32 x 512 tokens of a 262k vocabulary); the head runs chunked (posttrain.inference.logprobs)."""
-        from posttrain.inference.logprobs import IGNORE, TokenLogProbs
+        17 GB for 32 x 512 tokens of a 262k vocabulary); the head runs chunked (posttrain.logprobs)."""
+        from posttrain.logprobs import IGNORE, TokenLogProbs
 
         live = new != FINISHED
         ids = torch.cat([input_ids, new.masked_fill(~live, self.pad_id)], 1)

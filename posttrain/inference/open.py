@@ -81,6 +81,28 @@ def local_engine(path: str, engine: str = "transformers", batch_size: int = 16):
     return TransformersEngine.load(path, batch_size)
 
 
+def rollout_engine(engine: str, tokenizer, *, policy=None, model: str | None = None, servers: list[str] = (),
+                   dtype: str = "float32", seed: int = 0, batch_size: int = 16,
+                   gpu_memory_utilization: float | None = None):
+    """The engine a trainer samples from: ``transformers`` generates with ``policy`` itself (a model in
+    memory, trained in place); ``vllm`` with ``servers`` draws from those ``posttrain serve --engine
+    vllm`` processes (``VLLMServers``); ``vllm`` alone starts vLLM in this process on ``model`` (the
+    trainer pushes its weights: ``load_weights``)."""
+    if engine == "transformers":
+        from posttrain.inference.engine import TransformersEngine
+
+        return TransformersEngine(policy, tokenizer, batch_size=batch_size)
+    if engine != "vllm":
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if servers:
+        from posttrain.inference.vllm_servers import VLLMServers
+
+        return VLLMServers(list(servers), tokenizer)
+    from posttrain.inference.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model, dtype=dtype, seed=seed, batch_size=batch_size, gpu_memory_utilization=gpu_memory_utilization)
+
+
 def open_engine(spec: str, cache_dir: str | Path | None = None, batch_size: int = 16, chunk: int = 64,
                 max_retries: int = 6):
     """The engine a data command was given: an endpoint, ``vllm:<model>`` or a local model (see the

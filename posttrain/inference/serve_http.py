@@ -238,7 +238,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def uvicorn_server(app, timeouts: Timeouts, limit_concurrency: int):
     import uvicorn
 
-    config = uvicorn.Config(app, http=protocol(timeouts.request), lifespan="off", log_level="warning",
+    config = uvicorn.Config(app, http=protocol(timeouts.request), lifespan="off", log_level="warning", log_config=None,
                             access_log=False, timeout_keep_alive=timeouts.keep_alive,
                             limit_concurrency=limit_concurrency, ws="none")
     return uvicorn.Server(config)

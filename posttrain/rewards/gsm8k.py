@@ -27,17 +27,24 @@ def extract(response: str) -> str | None:
     return found[-1].replace(",", "") if found else None
 
 
-def _number(text: str) -> Decimal | None:
+def number(text: str) -> Decimal | None:
+    """A number as written in an answer (``1,000``, ``$5``, ``3.``), or None."""
     try:
         return Decimal(text.replace(",", "").replace("$", "").strip().rstrip("."))
     except InvalidOperation:
         return None
 
 
+def equivalent(a: str, b: str) -> bool:
+    """Two extracted answers that are the same number."""
+    value = number(a)
+    return value is not None and value == number(b)
+
+
 def score(response: str, ground_truth) -> float:
     pred = extract(response)
-    gold = _number(str(ground_truth))
+    gold = number(str(ground_truth))
     if pred is None or gold is None:
         return 0.0
-    value = _number(pred)
+    value = number(pred)
     return 1.0 if value is not None and value == gold else 0.0

@@ -1,4 +1,5 @@
-"""Training checkpoints: written whole to a temporary directory, then renamed into place.
+"""Training checkpoints: written whole to a temporary directory, then renamed into place; and what an
+existing ``output_dir`` means for a new run (``resume_point``: resume, refuse, or start over).
 
 ``output_dir/checkpoints/checkpoint-N/`` holds the model (a ``save_pretrained`` directory, or the
 LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt`` and ``trainer_state.json``
@@ -21,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posttrain.atomic import publish_dir
+from posttrain.atomic import publish_dir, read_jsonl_appended, write_text
+from posttrain.config_io import config_hash, world_size
+from posttrain.errors import UserError
 from posttrain.util import checkpoints
 
 
@@ -128,3 +131,50 @@ def load_state(ckpt: Path, scheduler) -> dict:
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True))
     return read_state(ckpt)
+
+
+def resume_point(cfg, is_main: bool) -> Path | None:
+    """Decide what to do with an existing ``output_dir`` (a ``TrainConfig``'s): returns the checkpoint to
+    resume from (None: start fresh; with ``overwrite_output_dir`` process 0 deletes the directory).
+    Raises ``UserError`` when it holds a different run (the global batch counts: see
+    ``config.semantic``) and ``overwrite_output_dir`` is not set, or a checkpoint of the other
+    ``parallel`` layout."""
+    out = Path(cfg.output_dir)
+    want = config_hash(cfg)
+    manifest = out / "manifest.json"
+    if cfg.overwrite_output_dir:
+        if is_main and out.exists():
+            shutil.rmtree(out)
+        return None
+    if manifest.is_file():
+        have = json.loads(manifest.read_text()).get("config_hash")
+        if have != want:
+            raise UserError(f"{out}: holds a finished run with a different config; "
+                            "set overwrite_output_dir=true or choose another output_dir")
+        return None
+    last = latest(out)
+    if last is None:
+        return None
+    state = read_state(last)
+    if state.get("config_hash") != want:
+        batch = state.get("global_batch_size")
+        hint = (f" (its global batch is {batch}, this run's {global_batch_size(cfg)}: set per_device_train_batch_size x "
+                "gradient_accumulation_steps x processes to match)" if batch and batch != global_batch_size(cfg) else "")
+        raise UserError(f"{last}: checkpoint of a run with a different config{hint}; "
+                        "set overwrite_output_dir=true or choose another output_dir")
+    if state.get("parallel", "ddp") != cfg.parallel:
+        raise UserError(f"{last}: written with parallel: {state.get('parallel', 'ddp')}; resume it with the same "
+                        "setting, or set overwrite_output_dir=true")
+    return last
+
+
+def global_batch_size(cfg) -> int:
+    """per-device batch x accumulation x processes."""
+    return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
+
+
+def trim_metrics(path: Path, upto: int) -> None:
+    if not path.is_file():
+        return
+    keep = [r for r in read_jsonl_appended(path) if r.get("step", 0) <= upto]  # a torn last line dropped
+    write_text(path, "".join(json.dumps(r) + "\n" for r in keep))

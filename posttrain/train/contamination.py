@@ -16,7 +16,8 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from posttrain.data.decontam import EvalInstance, NgramIndex, check_texts, eval_instances, prompt_text
+from posttrain.data.decontam import EvalInstance, NgramIndex, check_texts, prompt_text
+from posttrain.eval.instances import eval_instances
 from posttrain.errors import UserError
 
 NGRAM, THRESHOLD, EXAMPLES = 8, 0.5, 20

@@ -32,10 +32,10 @@ from posttrain.data import chat, packing
 from posttrain.data.mixing import mix
 from posttrain.data.records import preference_problem
 from posttrain.errors import UserError
-from posttrain.inference.logprobs import TokenLogProbs, collate, per_sample
+from posttrain.logprobs import TokenLogProbs, collate, per_sample
 from posttrain.models import load_model, load_tokenizer
 from posttrain.train import contamination, reference
-from posttrain.train.loop import Objective, Result, RowSource, finished, train
+from posttrain.train.loop import Job, Objective, Result, RowSource, finished, train
 from posttrain.util import log
 
 
@@ -161,6 +161,6 @@ def run_dpo(cfg: DPOConfig, eval_fn=None) -> Result:
                                                    cfg.per_device_eval_batch_size, settings)
         stats["reference_cache"] = {"path": str(path), "hit": hit}
         log(f"dpo: reference log-probs {'loaded from' if hit else 'computed and cached in'} {path}")
-    return train(cfg, model, tokenizer, RowSource(rows, lambda b: collate(b, tokenizer.pad_token_id)),
-                 dpo_objective(cfg, ref), stage="dpo", data=lineage, data_stats=stats, eval_fn=eval_fn,
-                 texts=contamination.user_texts(pairs))
+    return train(cfg, model, tokenizer, Job("dpo", RowSource(rows, lambda b: collate(b, tokenizer.pad_token_id)),
+                                            dpo_objective(cfg, ref), lineage, stats, eval_fn=eval_fn,
+                                            texts=contamination.user_texts(pairs)))

@@ -39,7 +39,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,10 +49,11 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import manifest as manifest_mod
-from posttrain.atomic import publish_dir, read_jsonl_appended, write_json, write_text
-from posttrain.config import TrainConfig, config_hash
+from posttrain.atomic import publish_dir, write_json
+from posttrain.config import TrainConfig
+from posttrain.config_io import config_hash
 from posttrain.errors import UserError
-from posttrain.inference.logprobs import TokenLogProbs
+from posttrain.logprobs import TokenLogProbs
 from posttrain.train import checkpoint as ckpt_mod
 from posttrain.train import contamination, parallel
 from posttrain.util import log
@@ -87,46 +87,6 @@ class Result:
     skipped: bool = False
 
 
-def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
-    """Decide what to do with an existing ``output_dir``: returns the checkpoint to resume from.
-    Raises ``UserError`` when it holds a different run (the global batch counts: see
-    ``config.semantic``) and ``overwrite_output_dir`` is not set, or a checkpoint of the other
-    ``parallel`` layout."""
-    out = Path(cfg.output_dir)
-    want = config_hash(cfg)
-    manifest = out / "manifest.json"
-    if cfg.overwrite_output_dir:
-        if is_main and out.exists():
-            shutil.rmtree(out)
-        return None
-    if manifest.is_file():
-        have = json.loads(manifest.read_text()).get("config_hash")
-        if have != want:
-            raise UserError(f"{out}: holds a finished run with a different config; "
-                            "set overwrite_output_dir=true or choose another output_dir")
-        return None
-    last = ckpt_mod.latest(out)
-    if last is None:
-        return None
-    state = ckpt_mod.read_state(last)
-    if state.get("config_hash") != want:
-        batch = state.get("global_batch_size")
-        hint = (f" (its global batch is {batch}, this run's {global_batch_size(cfg)}: set per_device_train_batch_size x "
-                "gradient_accumulation_steps x processes to match)" if batch and batch != global_batch_size(cfg) else "")
-        raise UserError(f"{last}: checkpoint of a run with a different config{hint}; "
-                        "set overwrite_output_dir=true or choose another output_dir")
-    if state.get("parallel", "ddp") != cfg.parallel:
-        raise UserError(f"{last}: written with parallel: {state.get('parallel', 'ddp')}; resume it with the same "
-                        "setting, or set overwrite_output_dir=true")
-    return last
-
-
-def global_batch_size(cfg: TrainConfig) -> int:
-    from posttrain.config import world_size
-
-    return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
-
-
 def finished(cfg: TrainConfig, stage: str) -> Result | None:
     """The result of a finished run of this exact config in ``output_dir``, if there is one."""
     manifest = Path(cfg.output_dir) / "manifest.json"
@@ -158,13 +118,6 @@ def apply_peft(cfg: TrainConfig, model):
     return get_peft_model(model, lora)
 
 
-def trim_metrics(path: Path, upto: int) -> None:
-    if not path.is_file():
-        return
-    keep = [r for r in read_jsonl_appended(path) if r.get("step", 0) <= upto]  # a torn last line dropped
-    write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
 def reduce_sum(accelerator, values: dict[str, float]) -> dict[str, float]:
     """Sum a dict of floats over processes (every process has the same keys)."""
     if accelerator.num_processes == 1:
@@ -175,13 +128,17 @@ def reduce_sum(accelerator, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def per_process(accelerator, mine: float) -> list[float]:
+    """``mine`` of every process, in process order."""
+    slots = {f"{r:06d}": (mine if r == accelerator.process_index else 0.0) for r in range(accelerator.num_processes)}
+    return [round(v, 1) for _, v in sorted(reduce_sum(accelerator, slots).items())]
+
+
 def peak_rss_mb(accelerator) -> list[float]:
     """The peak resident memory of every process so far, in MB (Linux: ``ru_maxrss`` is in KB)."""
     import resource
 
-    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    slots = {f"{r:06d}": (mine if r == accelerator.process_index else 0.0) for r in range(accelerator.num_processes)}
-    return [round(v, 1) for _, v in sorted(reduce_sum(accelerator, slots).items())]
+    return per_process(accelerator, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 @dataclass
@@ -205,6 +162,11 @@ class Run:
     tokenizer: object
     cfg: TrainConfig
     layout: object = None  # posttrain.train.parallel: whole weights for the engine (``layout.whole``)
+    job: "Job | None" = None
+    total: int = 0  # steps
+    resume_from: Path | None = None  # the checkpoint this run resumed from
+    started: float = 0.0  # wall time the stage started (manifest)
+    t_run: float = 0.0  # wall time the steps started
 
     @property
     def rank(self) -> int:
@@ -273,17 +235,32 @@ class RowSource:
         return sums
 
 
-def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Objective, *, stage: str,
-          data: list[dict], data_stats: dict, eval_fn: Callable[[torch.nn.Module], dict] | None = None,
-          wrap: Callable[[torch.nn.Module], torch.nn.Module] = TokenLogProbs,
-          extra_models: dict[str, torch.nn.Module] | None = None, texts: Iterable[str] = ()) -> Result:
-    """Train ``model`` on the steps of ``source`` and write the final checkpoint and manifest to
-    ``cfg.output_dir``. ``wrap`` puts the module the objective calls around the model (per-token
-    log-probs by default); ``extra_models`` (RL's value model) are checkpointed and saved beside it;
-    ``texts`` (the user text of every training record) go into the contamination report."""
+@dataclass
+class Job:
+    """What a stage hands the loop: its steps (``source``), its loss (``objective``), the module the
+    objective calls around the model (``wrap``: per-token log-probs by default), models trained
+    beside it (``extra_models``: RL's value model, checkpointed and saved in subdirectories), an
+    evaluation hook, and for the end of the run its data lineage and statistics (manifest) and the
+    user text of every training record (``texts``: the contamination report)."""
+
+    stage: str
+    source: StepSource
+    objective: Objective
+    data: list[dict]
+    data_stats: dict
+    eval_fn: Callable[[torch.nn.Module], dict] | None = None
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] = TokenLogProbs
+    extra_models: dict[str, torch.nn.Module] | None = None
+    texts: Iterable[str] = ()
+
+
+def train(cfg: TrainConfig, model, tokenizer, job: Job) -> Result:
+    """Train ``model`` on the steps of ``job.source`` and write the final checkpoint and manifest to
+    ``cfg.output_dir``."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     started = time.time()
+    stage, source, objective, eval_fn, extra_models = job.stage, job.source, job.objective, job.eval_fn, job.extra_models
     checker = contamination.Checker(cfg.decontaminate_against)
     for tracker, modules in (("tensorboard", ("tensorboard", "tensorboardX")), ("wandb", ("wandb",))):
         if tracker in cfg.report_to and not any(importlib.util.find_spec(m) for m in modules):
@@ -293,7 +270,7 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
                               project_dir=cfg.output_dir)
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
-    resume_from = prepare_output_dir(cfg, is_main)
+    resume_from = ckpt_mod.resume_point(cfg, is_main)
     accelerator.wait_for_everyone()
     out = Path(cfg.output_dir)
     if is_main:
@@ -315,13 +292,13 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
         model = apply_peft(cfg, model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = wrap(model)
+    module = job.wrap(model)
     module.train()
     layout = parallel.layout(cfg, accelerator)
     module, optimizer = layout.prepare(module, lambda m: make_optimizer(cfg, m))
     scheduler = make_scheduler(cfg, optimizer, warmup, updates)
     inner = accelerator.unwrap_model(module).model
-    run = Run(accelerator, module, inner, tokenizer, cfg, layout)
+    run = Run(accelerator, module, inner, tokenizer, cfg, layout, job, total, resume_from, started)
 
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -335,7 +312,7 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
                                 f"resume it on {len(states)}")
             source.load_state(states[accelerator.process_index])
         if is_main:
-            trim_metrics(metrics_path, start)
+            ckpt_mod.trim_metrics(metrics_path, start)
             log(f"{stage}: resuming from {resume_from} (step {start} of {total})")
     elif is_main:
         metrics_path.unlink(missing_ok=True)
@@ -350,6 +327,7 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
     params = [p for p in module.parameters() if p.requires_grad]
     last: dict = {}
     tokens_seen, t_run = 0, time.time()
+    run.t_run = t_run
     for step in range(start, total):
         t0 = time.time()
         got = source(step, run)
@@ -391,7 +369,7 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
             evaluate_main(accelerator, eval_fn, layout.whole(inner, keep=is_main), done, metrics_path)
         if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total:  # the end writes the final model
             state = {"epoch": step // steps_per_epoch, "config_hash": config_hash(cfg),
-                     "global_batch_size": global_batch_size(cfg), "parallel": cfg.parallel, "processes": world}
+                     "global_batch_size": ckpt_mod.global_batch_size(cfg), "parallel": cfg.parallel, "processes": world}
             if (source_state := getattr(source, "state", lambda _: None)(done)) is not None:
                 from accelerate.utils import gather_object
 
@@ -406,19 +384,20 @@ def train(cfg: TrainConfig, model, tokenizer, source: StepSource, objective: Obj
     layout.optimizer = None
     accelerator.free_memory()
     last["peak_rss_mb_per_process"] = peak_rss_mb(accelerator)
+    if accelerator.device.type == "cuda":  # the accelerator's own peak (tensors allocated), in MB
+        last["peak_gpu_mb_per_process"] = per_process(accelerator, torch.cuda.max_memory_allocated() / 2**20)
     # the whole model (gathered from every process's shards onto process 0 when sharded), to evaluate and save
     inner = layout.whole(inner, keep=is_main)
     extra_models = {name: layout.whole(m, keep=is_main) for name, m in (extra_models or {}).items()}
-    return finish(accelerator, cfg, stage, inner, tokenizer, last, eval_fn, total, t_run, started, data, data_stats,
-                  resume_from, extra_models, checker.report(texts) if accelerator.is_main_process else {})
+    return finish(run, inner, last, extra_models, checker.report(job.texts) if accelerator.is_main_process else {})
 
 
-def finish(accelerator, cfg: TrainConfig, stage: str, model, tokenizer, last: dict, eval_fn, total: int, t_run: float,
-           started: float, data: list[dict], data_stats: dict, resume_from, extra_models: dict | None = None,
-           contamination_report: dict | None = None) -> Result:
-    """The end of a run: the final evaluation, the model (and ``extra_models`` in subdirectories), the
-    contamination report of the training records (posttrain.train.contamination) and, written last,
-    ``manifest.json``."""
+def finish(run: Run, model, last: dict, extra_models: dict | None, contamination_report: dict) -> Result:
+    """The end of a run: the final evaluation, the whole ``model`` (and ``extra_models`` in
+    subdirectories), the contamination report of the training records (posttrain.train.contamination)
+    and, written last, ``manifest.json``."""
+    accelerator, cfg, job, tokenizer, total = run.accelerator, run.cfg, run.job, run.tokenizer, run.total
+    stage, eval_fn = job.stage, job.eval_fn
     out = Path(cfg.output_dir)
     metrics_path = out / "metrics.jsonl"
     final = dict(last)
@@ -430,15 +409,15 @@ def finish(accelerator, cfg: TrainConfig, stage: str, model, tokenizer, last: di
             tmp = out / f".tmp-{name}"
             extra.save_pretrained(tmp)
             publish_dir(tmp, out / name)
-        final["train_seconds"] = round(time.time() - t_run, 2)
+        final["train_seconds"] = round(time.time() - run.t_run, 2)
         report = contamination_report or {}
         if report.get("flagged"):
             log(f"{stage}: {report['flagged']} training record(s) overlap evaluation items: "
                 + ", ".join(f"{t} {r['flagged']}" for t, r in report["tasks"].items() if r["flagged"]))
         write_json(out / "manifest.json", manifest_mod.build(
-            stage, cfg, data=data, data_stats=data_stats, metrics=final, started=started,
-            world_size=accelerator.num_processes, steps=total, resumed_from=str(resume_from) if resume_from else None,
-            contamination=report))
+            stage, cfg, data=job.data, data_stats=job.data_stats, metrics=final, started=run.started,
+            world_size=accelerator.num_processes, steps=total,
+            resumed_from=str(run.resume_from) if run.resume_from else None, contamination=report))
         log(f"{stage}: wrote {out}")
     accelerator.wait_for_everyone()
     if cfg.report_to:

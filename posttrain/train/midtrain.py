@@ -32,9 +32,9 @@ import numpy as np
 from posttrain.config import MidtrainConfig
 from posttrain.data.io import read_records
 from posttrain.errors import UserError
-from posttrain.inference.logprobs import collate
+from posttrain.logprobs import collate
 from posttrain.models import load_model, load_tokenizer
-from posttrain.train.loop import Result, RowSource, finished, train
+from posttrain.train.loop import Job, Result, RowSource, finished, train
 from posttrain.train.sft import sft_objective
 from posttrain.util import log
 
@@ -157,6 +157,7 @@ def run_midtrain(cfg: MidtrainConfig) -> Result:
         f"{'anneal from lr ' + format(cfg.learning_rate, '.3g') if cfg.anneal_from else cfg.lr_scheduler_type}")
     model = load_model(cfg.model, cfg.dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return train(cfg, model, tokenizer, RowSource(rows, lambda b: collate(b, pad), max_rows=total_rows),
-                 sft_objective("mean"), stage="midtrain", data=lineage, data_stats={"rows": len(rows), "row_tokens": length},
-                 texts=itertools.chain.from_iterable(_texts(s.path, s.split, s.name) for s in cfg.datasets))
+    return train(cfg, model, tokenizer, Job("midtrain", RowSource(rows, lambda b: collate(b, pad), max_rows=total_rows),
+                                            sft_objective("mean"), lineage, {"rows": len(rows), "row_tokens": length},
+                                            texts=itertools.chain.from_iterable(_texts(s.path, s.split, s.name)
+                                                                                for s in cfg.datasets)))

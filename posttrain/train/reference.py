@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.inference.logprobs import TokenLogProbs, collate, per_sample
+from posttrain.logprobs import TokenLogProbs, collate, per_sample
 from posttrain.models import resolve
 from posttrain.util import cache_root, model_fingerprint
 

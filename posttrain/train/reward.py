@@ -18,11 +18,11 @@ from torch import nn
 from posttrain.config import RewardConfig
 from posttrain.data import chat, packing
 from posttrain.errors import UserError
-from posttrain.inference.logprobs import IGNORE, TokenLogProbs, collate
+from posttrain.logprobs import IGNORE, TokenLogProbs, collate
 from posttrain.models import load_tokenizer, resolve
 from posttrain.train import contamination
 from posttrain.train.dpo import eval_rows, prepare_pairs
-from posttrain.train.loop import Objective, Result, RowSource, finished, train
+from posttrain.train.loop import Job, Objective, Result, RowSource, finished, train
 
 
 class RewardScores(nn.Module):
@@ -98,9 +98,9 @@ def run_reward(cfg: RewardConfig) -> Result:
                                               cfg.per_device_eval_batch_size)
     torch.manual_seed(cfg.seed)  # the new score head's initialisation
     model = load_reward_model(cfg.model, tokenizer, cfg.dtype)
-    return train(cfg, model, tokenizer, RowSource(rows, lambda b: collate(b, tokenizer.pad_token_id)), reward_objective(),
-                 stage="reward", data=lineage, data_stats=stats, eval_fn=eval_fn, wrap=RewardScores,
-                 texts=contamination.user_texts(pairs))
+    return train(cfg, model, tokenizer, Job("reward", RowSource(rows, lambda b: collate(b, tokenizer.pad_token_id)),
+                                            reward_objective(), lineage, stats, eval_fn=eval_fn, wrap=RewardScores,
+                                            texts=contamination.user_texts(pairs)))
 
 
 class RewardModel:

@@ -19,8 +19,10 @@ One step:
    its verifier; ``verifier_weights`` gives ``w_v``, default 1) ``+ format_reward_weight · format``
    ``+ reward_model_weight · RM(prompt, completion)`` ``− unfinished_penalty`` when the completion hit
    ``max_completion_length`` without its end-of-turn token (posttrain.rewards.combine).
-4. **Advantages.** GRPO: group-relative (posttrain.train.rl.grpo). PPO: per-token rewards with the KL
-   penalty, values from the value model, GAE and whitening (posttrain.train.rl.ppo).
+4. **Advantages.** GRPO: group-relative, RLOO or REINFORCE++ (posttrain.train.rl.advantages). PPO:
+   per-token rewards with the KL penalty, values from the value model, GAE and whitening
+   (posttrain.train.rl.ppo). Both, with the recomputed old and reference log-probs, in
+   posttrain.train.rl.prepare.
 5. **Updates.** ``num_iterations`` optimizer steps over the rollout batch, each with
    ``gradient_accumulation_steps`` micro-batches of ``per_device_train_batch_size`` completions; the
    loss (``grpo.batch_loss``, ``ppo.batch_loss``) is normalised by the count of the whole global batch
@@ -47,16 +49,17 @@ from posttrain.config import RLVRConfig
 from posttrain.data import chat
 from posttrain.data.mixing import mix
 from posttrain.errors import UserError
-from posttrain.inference.engine import SamplingParams, TransformersEngine
-from posttrain.inference.logprobs import IGNORE, TokenLogProbs
+from posttrain.inference.engine import SamplingParams
+from posttrain.inference.open import rollout_engine
+from posttrain.logprobs import TokenLogProbs
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rewards import get_verifier
 from posttrain.rewards.combine import Scorer
 from posttrain.train import contamination, parallel
-from posttrain.train.loop import Objective, Result, Run, StepData, finished, reduce_sum, train
+from posttrain.train.loop import Job, Objective, Result, Run, StepData, finished, train
 from posttrain.train.reward import PolicyAndValue, load_value_model
-from posttrain.train.rl import advantages, grpo, ppo
-from posttrain.train.rl.rows import collate_rows, group_rows, model_inputs
+from posttrain.train.rl import advantages, grpo, ppo, prepare
+from posttrain.train.rl.rows import micro_batches, model_inputs
 from posttrain.util import log
 
 
@@ -102,13 +105,13 @@ def rl_objective(cfg: RLVRConfig) -> Objective:
             logp = module(*model_inputs(batch, batch["input_ids"].device))
             return grpo.batch_loss(logp, batch, num_items, loss_type=cfg.loss_type,
                                    max_completion_length=cfg.max_completion_length, epsilon=cfg.epsilon,
-                                   epsilon_high=cfg.epsilon_high, beta=cfg.beta)
+                                   epsilon_high=cfg.clip_high, beta=cfg.beta)
 
         return Objective(loss=loss, items_key=grpo.COUNTS[cfg.loss_type])
 
     def ppo_loss(module, batch, num_items):
         logp, values = module(*model_inputs(batch, batch["input_ids"].device))
-        return ppo.batch_loss(logp, values, batch, num_items, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+        return ppo.batch_loss(logp, values, batch, num_items, epsilon=cfg.epsilon, epsilon_high=cfg.clip_high,
                               vf_coef=cfg.vf_coef, cliprange_value=cfg.cliprange_value)
 
     return Objective(loss=ppo_loss, items_key=ppo.COUNT)
@@ -121,35 +124,11 @@ def completion_records(prompts: list[dict], completions: list) -> list[dict]:
              "truncated": c.finish_reason == "length"} for c in completions]
 
 
-def micro_batches(prompts: list[dict], records: list[dict], size: int, share: str, pad: int,
-                  keys: tuple[str, ...]) -> list[dict]:
-    """Collated micro-batches of ``size`` completions each; within one, the completions of a prompt
-    share a row (posttrain.train.rl.rows) as ``share`` decides. Carries the per-token ``keys``."""
-    out = []
-    for j in range(0, len(records), size):
-        chunk, rows = records[j:j + size], []
-        for i in dict.fromkeys(r["prompt"] for r in chunk):
-            mine = [{"token_ids": r["token_ids"], **{k: r[k] for k in keys}} for r in chunk if r["prompt"] == i]
-            rows += group_rows(prompts[i]["ids"], mine, share)
-        out.append(collate_rows(rows, pad))
-    return out
-
-
-def split_tokens(values: torch.Tensor, batch: dict, records: list[dict]):
-    """Hand ``[B, T-1]`` per-target values of a micro-batch back to its completion records (in order)."""
-    flat = values[(batch["labels"][:, 1:] != IGNORE).to(values.device)].tolist()
-    start = 0
-    for r in records:
-        end = start + len(r["token_ids"])
-        yield r, flat[start:end]
-        start = end
-
-
 def accuracy_fn(prompts: list[dict], tokenizer, cfg: RLVRConfig):
     """Greedy held-out evaluation: the mean verifier score (unweighted), overall and per verifier."""
 
     def evaluate(model) -> dict:
-        engine = TransformersEngine(model, tokenizer, batch_size=cfg.generation_batch_size)
+        engine = rollout_engine("transformers", tokenizer, policy=model, batch_size=cfg.generation_batch_size)
         outs = engine.generate([p["ids"] for p in prompts], SamplingParams(max_new_tokens=cfg.max_completion_length))
         scores = [float(get_verifier(p["verifier"])(o.text, p["ground_truth"])) for p, o in zip(prompts, outs)]
         result = {"accuracy": sum(scores) / max(len(scores), 1), "prompts": len(scores)}
@@ -171,7 +150,7 @@ class Rollouts:
     def __init__(self, cfg: RLVRConfig, prompts: list[dict], scorer: Scorer, reference: TokenLogProbs | None):
         self.cfg, self.prompts, self.scorer, self.reference = cfg, prompts, scorer, reference
         self.updates_per_step = cfg.num_iterations
-        self.engine: TransformersEngine | None = None
+        self.engine = None  # made at the first step by posttrain.inference.open.rollout_engine
         self.gathered: torch.nn.Module | None = None  # under FSDP: the transformers engine's whole copy of the policy
         self.ahead = None  # async_steps: posttrain.train.rl.async_rollouts.AheadRollouts
         self.resumed: dict = {}  # async_steps: the rollouts a checkpoint held
@@ -230,7 +209,7 @@ class Rollouts:
         records = completion_records(mine, completions)
         tok = run.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else chat.stop_token_ids(tok)[0]
-        sums.update(prepare_advantages(cfg, run, self.reference, mine, records, scores, pad))
+        sums.update(prepare.prepare_advantages(cfg, run, self.reference, mine, records, scores, pad))
         keys = ("old_logp", "advantages") + (("ref_logp",) if self.reference is not None and cfg.algorithm == "grpo"
                                              else ()) + (
             ("old_values", "returns") if cfg.algorithm == "ppo" else ()) + tuple(k for k in ("keep", "is_weight")
@@ -253,18 +232,12 @@ class Rollouts:
                 policy = self.gathered = run.layout.whole(run.model, self.gathered)
             else:
                 policy = run.layout.whole_state(run.model)
-        if self.engine is None and cfg.engine == "transformers":  # the policy itself, updated in place
-            self.engine = TransformersEngine(policy, run.tokenizer, batch_size=cfg.generation_batch_size)
-        elif cfg.engine == "vllm":
-            if self.engine is None and cfg.vllm_servers:
-                from posttrain.inference.vllm_servers import VLLMServers
-
-                self.engine = VLLMServers(cfg.vllm_servers, run.tokenizer)
-            elif self.engine is None:
-                from posttrain.inference.vllm_engine import VLLMEngine
-
-                self.engine = VLLMEngine(cfg.model, dtype=cfg.dtype, seed=cfg.seed, batch_size=cfg.generation_batch_size,
+        if self.engine is None:  # transformers: the policy itself, updated in place
+            self.engine = rollout_engine(cfg.engine, run.tokenizer, policy=policy, model=cfg.model,
+                                         servers=cfg.vllm_servers, dtype=cfg.dtype, seed=cfg.seed,
+                                         batch_size=cfg.generation_batch_size,
                                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+        if cfg.engine == "vllm":
             if not cfg.vllm_servers:  # the current policy, no checkpoint on disk
                 self.engine.load_weights(policy)
             elif run.rank == 0:  # one push per step for all processes
@@ -309,9 +282,7 @@ class Rollouts:
         cfg = self.cfg
         if self.ahead is None:
             if cfg.engine == "vllm":
-                from posttrain.inference.vllm_servers import VLLMServers
-
-                worker = ServerWorker(VLLMServers(cfg.vllm_servers, run.tokenizer))
+                worker = ServerWorker(rollout_engine("vllm", run.tokenizer, servers=cfg.vllm_servers))
             else:
                 threads = max(1, (os.cpu_count() or 2) // 2)  # the CPU's threads shared between the two processes
                 worker = ProcessWorker(cfg.model, cfg.dtype, run.tokenizer, cfg.generation_batch_size, threads)
@@ -390,80 +361,6 @@ def run_rlvr(cfg: RLVRConfig) -> Result:
         return PolicyAndValue(policy, value) if value is not None else policy
 
     source = Rollouts(cfg, prompts, make_scorer(cfg, list(stats["verifiers"])), reference)
-    return train(cfg, model, tokenizer, source, rl_objective(cfg), stage="rlvr", data=lineage, data_stats=stats,
-                 eval_fn=eval_fn, wrap=wrap, extra_models={"value": value.model} if value is not None else None,
-                 texts=contamination.user_texts(records))
-
-
-@torch.no_grad()
-def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict], records: list[dict],
-                       scores: torch.Tensor, pad: int) -> dict:
-    """Attach ``ref_logp`` (beta > 0), ``advantages`` (per token) and, for PPO, ``old_values`` and
-    ``returns`` to the completion records (in place)."""
-    device = run.accelerator.device
-    size = cfg.per_device_train_batch_size
-    metrics: dict[str, float] = {}
-    forwards = []
-    if cfg.engine == "vllm" or cfg.async_steps:  # the old policy's log-probs from the trainer's own forward (exact)
-        for r in records:
-            r["engine_logp"] = r["old_logp"]
-        inner = run.accelerator.unwrap_model(run.module)
-        forwards.append(("old_logp", inner.policy if cfg.algorithm == "ppo" else inner))
-    if reference is not None:
-        forwards.append(("ref_logp", reference))
-    if cfg.algorithm == "ppo":
-        forwards.append(("old_values", run.accelerator.unwrap_model(run.module).value))
-    for key, net in forwards:
-        was_training = net.training
-        net.eval()
-        for j, batch in enumerate(micro_batches(prompts, records, size, cfg.share_prompt, pad, ())):
-            out = net(*model_inputs(batch, device))
-            for r, values in split_tokens(out, batch, records[j * size:(j + 1) * size]):
-                r[key] = values
-        net.train(was_training)
-    if cfg.engine == "vllm" or cfg.async_steps:
-        metrics["engine_logprob_abs_diff"] = sum(abs(a - b) for r in records for a, b in zip(r["engine_logp"], r["old_logp"]))
-    if cfg.vllm_importance_sampling_cap is not None:  # truncated importance sampling (posttrain.train.rl.grpo)
-        log_cap = math.log(cap := cfg.vllm_importance_sampling_cap)
-        capped = 0
-        for r in records:
-            log_ratios = [o - e for o, e in zip(r["old_logp"], r["engine_logp"])]
-            r["is_weight"] = [math.exp(x) if x <= log_cap else cap for x in log_ratios]
-            capped += sum(x > log_cap for x in log_ratios)
-        metrics["importance_sampling_capped"] = float(capped)
-    if cfg.algorithm == "grpo":
-        G = cfg.num_generations
-        if cfg.advantage == "group":
-            adv, varied = advantages.group(scores, G, cfg.scale_rewards)
-        elif cfg.advantage == "rloo":
-            adv, varied = advantages.rloo(scores, G)
-        else:
-            adv, varied = advantages.reinforce_pp(scores, G, reduce_sum(run.accelerator, advantages.batch_stats(scores)))
-        for r, a, keep in zip(records, adv.tolist(), varied.tolist()):
-            r["advantages"] = [a] * len(r["token_ids"])
-            keep = (keep or not cfg.drop_zero_variance) and not (cfg.mask_truncated and r["truncated"])
-            if cfg.drop_zero_variance or cfg.mask_truncated:  # out of the loss and of its denominator
-                r["keep"] = [float(keep)] * len(r["token_ids"])
-        metrics["zero_variance"] = float((~varied).sum())
-        return metrics
-    # PPO: per-token rewards with the KL penalty, GAE per completion, whitening over the global batch
-    n, width = len(records), max(len(r["token_ids"]) for r in records)
-    mask = torch.zeros((n, width), dtype=torch.bool)
-    logp, values = torch.zeros((n, width)), torch.zeros((n, width))
-    ref = torch.zeros((n, width)) if reference is not None else None
-    for i, r in enumerate(records):
-        k = len(r["token_ids"])
-        mask[i, :k] = True
-        logp[i, :k], values[i, :k] = torch.tensor(r["old_logp"]), torch.tensor(r["old_values"])
-        if ref is not None:
-            ref[i, :k] = torch.tensor(r["ref_logp"])
-    rewards = ppo.token_rewards(scores, logp, ref, mask, cfg.beta)
-    adv, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    if ref is not None:
-        metrics["kl"] = float(((logp - ref) * mask).sum())
-    if cfg.whiten_advantages:
-        adv = ppo.whiten(adv, mask, reduce_sum(run.accelerator, ppo.whiten_stats(adv, mask)))
-    for i, r in enumerate(records):
-        k = len(r["token_ids"])
-        r["advantages"], r["returns"] = adv[i, :k].tolist(), returns[i, :k].tolist()
-    return metrics
+    return train(cfg, model, tokenizer, Job("rlvr", source, rl_objective(cfg), lineage, stats, eval_fn=eval_fn, wrap=wrap,
+                                            extra_models={"value": value.model} if value is not None else None,
+                                            texts=contamination.user_texts(records)))

@@ -23,11 +23,11 @@ import torch
 from posttrain.config import SFTConfig
 from posttrain.data import chat, packing
 from posttrain.data.mixing import mix
-from posttrain.inference.logprobs import TokenLogProbs, collate
+from posttrain.logprobs import TokenLogProbs, collate
 from posttrain.models import add_tokens, copy_embedding_rows, load_model, load_tokenizer, resize_embeddings
 from posttrain.rag import selfrag
 from posttrain.train import contamination
-from posttrain.train.loop import Objective, Result, RowSource, finished, train
+from posttrain.train.loop import Job, Objective, Result, RowSource, finished, train
 from posttrain.util import log
 
 
@@ -108,6 +108,6 @@ def run_sft(cfg: SFTConfig, eval_fn=None) -> Result:
         copy_embedding_rows(model, tokenizer, cfg.init_embeddings_from)
         log("sft: embedding rows copied: " + ", ".join(f"{t} <- {f}" for t, f in cfg.init_embeddings_from.items()))
     torch.manual_seed(cfg.seed)
-    return train(cfg, model, tokenizer, RowSource(rows, lambda batch: collate(batch, tokenizer.pad_token_id)),
-                 sft_objective(cfg.loss_reduction), stage="sft", data=lineage, data_stats=stats, eval_fn=eval_fn,
-                 texts=contamination.user_texts(records))
+    return train(cfg, model, tokenizer, Job("sft", RowSource(rows, lambda batch: collate(batch, tokenizer.pad_token_id)),
+                                            sft_objective(cfg.loss_reduction), lineage, stats, eval_fn=eval_fn,
+                                            texts=contamination.user_texts(records)))

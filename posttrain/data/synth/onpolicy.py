@@ -10,7 +10,9 @@ one). Prompts without such a pair are counted: all correct, all wrong (or none f
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams
@@ -62,3 +64,27 @@ def onpolicy_pairs(model_dir: str, records: list[dict], samples: int = 8, temper
                            SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples, seed=seed))
     pairs, stats = pair_completions(records, outs, f"onpolicy:{model_dir}", seed, min_margin, reject_unfinished)
     return pairs, {**stats, "samples": samples}
+
+
+def run_onpolicy_pairs_stage(config: dict, output: Path, model: str) -> dict:
+    """A recipe's ``onpolicy_pairs`` stage: ``prompts`` (a file of verifiable prompts, or sources like
+    ``datasets``) and ``onpolicy_pairs``' keys; writes ``pairs.jsonl`` and ``results.json``."""
+    from posttrain.atomic import write_json, write_text
+    from posttrain.config import DataSource
+    from posttrain.config_io import build
+    from posttrain.data.mixing import mix
+
+    prompts = config.pop("prompts", None)
+    if not prompts:
+        raise UserError("onpolicy_pairs stage: config key 'prompts' (a file of verifiable prompts, or a list "
+                        "of sources like datasets: {path, split, count}) is required")
+    sources = [build(DataSource, {"path": p} if isinstance(p, str) else p, f"onpolicy_pairs stage: prompts[{i}]")
+               for i, p in enumerate(prompts if isinstance(prompts, list) else [prompts])]
+    for i, src in enumerate(sources):
+        src.validate(f"onpolicy_pairs stage: prompts[{i}]")
+    records, _ = mix(sources, "verifiable", config.get("seed", 0))
+    pairs, stats = onpolicy_pairs(model, records, **config)
+    output.mkdir(parents=True, exist_ok=True)
+    write_text(output / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
+    write_json(output / "results.json", {"results": stats})
+    return stats

@@ -130,7 +130,7 @@ def build_pairs(prompts: list[dict], pool: dict, judge, onpolicy: tuple[str, obj
 def load_pool(path: str) -> tuple[dict[str, str], int | None]:
     """``pool.yaml``: ``models: [{name, engine}]`` (engine = a local model or openai:<model>@<url>),
     optional ``per_prompt`` (how many pool models answer each prompt; default all)."""
-    from posttrain.config import read_yaml
+    from posttrain.config_io import read_yaml
 
     doc = read_yaml(path)
     models = doc.get("models")

@@ -29,7 +29,7 @@ EXTRACTORS: dict[str, Callable[[str], str | None]] = {"gsm8k": gsm8k.extract, "m
 
 def _same(verifier: str) -> Callable[[str, str], bool]:
     if verifier == "gsm8k":
-        return lambda a, b: gsm8k._number(a) is not None and gsm8k._number(a) == gsm8k._number(b)
+        return gsm8k.equivalent
 
     def same(a: str, b: str) -> bool:
         try:

@@ -41,11 +41,11 @@ def _serve_process(model_path: str, dtype: str, tokenizer, batch_size: int, thre
     """The worker process: load the policy once, then per job load its weights and generate."""
     torch.set_num_threads(threads)
     try:
-        from posttrain.inference.engine import TransformersEngine
+        from posttrain.inference.open import rollout_engine
         from posttrain.models import load_model
 
         model = load_model(model_path, dtype).eval()
-        engine = TransformersEngine(model, tokenizer, batch_size=batch_size)
+        engine = rollout_engine("transformers", tokenizer, policy=model, batch_size=batch_size)
     except Exception:  # noqa: BLE001 - reported to the trainer, which raises it
         results.put(("error", traceback.format_exc()))
         return

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.inference.logprobs import IGNORE
+from posttrain.logprobs import IGNORE
 
 # how each loss type averages its token losses, and the batch count the loop sums over the global
 # batch for the denominator

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.inference.logprobs import IGNORE
+from posttrain.logprobs import IGNORE
 
 
 def group_rows(prompt: list[int], completions: list[dict], share: str = "auto") -> list[dict]:
@@ -98,3 +98,27 @@ def collate_rows(rows: list[dict], pad_id: int) -> dict:
 def model_inputs(batch: dict, device) -> tuple:
     """The arguments of ``TokenLogProbs`` / ``ValueModel`` for a collated batch."""
     return tuple(batch[k].to(device) for k in ("input_ids", "position_ids", "labels", "attention_mask", "pred_index"))
+
+
+def micro_batches(prompts: list[dict], records: list[dict], size: int, share: str, pad: int,
+                  keys: tuple[str, ...]) -> list[dict]:
+    """Collated micro-batches of ``size`` completions each; within one, the completions of a prompt
+    share a row (posttrain.train.rl.rows) as ``share`` decides. Carries the per-token ``keys``."""
+    out = []
+    for j in range(0, len(records), size):
+        chunk, rows = records[j:j + size], []
+        for i in dict.fromkeys(r["prompt"] for r in chunk):
+            mine = [{"token_ids": r["token_ids"], **{k: r[k] for k in keys}} for r in chunk if r["prompt"] == i]
+            rows += group_rows(prompts[i]["ids"], mine, share)
+        out.append(collate_rows(rows, pad))
+    return out
+
+
+def split_tokens(values: torch.Tensor, batch: dict, records: list[dict]):
+    """Hand ``[B, T-1]`` per-target values of a micro-batch back to its completion records (in order)."""
+    flat = values[(batch["labels"][:, 1:] != IGNORE).to(values.device)].tolist()
+    start = 0
+    for r in records:
+        end = start + len(r["token_ids"])
+        yield r, flat[start:end]
+        start = end

@@ -16,7 +16,6 @@ def test_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     assert stages[3]["tokens"] > 0 and stages[5]["tokens"] > 0
     assert all(0.0 <= s["heldout_accuracy"] <= 1.0 and "add" in s and "mul" in s for s in stages)
     acc = {s["stage"]: s["heldout_accuracy"] for s in stages}
-    print(json.dumps(acc))
     # the README's gains (measured: SFT +0.28, DPO +0.08, GRPO +0.16), with room for another CPU's rounding
     assert acc["sft"] >= acc["base"] + 0.2 and acc["dpo"] >= acc["sft"] + 0.04 and acc["rlvr"] >= acc["dpo"] + 0.1, acc
     held = {json.loads(x)["messages"][0]["content"] for x in (root / "data" / "heldout.jsonl").read_text().splitlines()}

@@ -2,7 +2,8 @@
 change to a loss, the loop, tokenization, packing, the data order or the sampler that moves a number
 shows here, even when every behavioural test still passes.
 
-Each stage runs 3 steps in fp32 with seed 0 on the CPU. The tolerance is relative 1e-4: the same
+Each stage runs 3 steps in fp32 with seed 0 on the CPU. The tolerance is relative 1e-4, and 2e-6
+absolute for values near 0 (metrics are logged rounded to 6 decimals: two rounding units): the same
 machine reproduces every value bit for bit (tests/test_resume.py, test_rlvr.py), and another x86 CPU's
 kernels round a 2-layer model's sums differently by ~1e-6 relative per step, well inside it. A change
 that means to move these numbers updates them here, and says why in its commit."""
@@ -17,7 +18,12 @@ from posttrain.config_io import load_config
 from posttrain.data.synth import arithmetic as ar
 from posttrain.stages import STAGES
 
-PINNED = {  # stage: {logged key: values at steps 1, 2, 3}
+PINNED = {  # stage: {logged key: values at steps 1, 2, 3}, measured 2026-12-02 (twice, the same)
+    "midtrain": {"loss": [5.713691, 5.706864, 5.373033]},
+    "sft": {"loss": [5.782918, 5.264874, 4.978364]},
+    "dpo": {"loss": [0.693147, 0.693224, 0.688269], "rewards/margins": [0.0, 6.1e-05, 0.010172]},
+    "reward": {"loss": [0.69297, 0.693369, 0.690242], "rewards/accuracies": [0.75, 0.5, 0.625]},
+    "rlvr": {"loss": [0.005438, -0.01441, -0.001289], "reward": [0.25, 0.3125, 0.40625]},
 }
 COMMON = {"max_steps": 3, "save_steps": 0, "logging_steps": 1, "seed": 0, "decontaminate_against": []}
 
@@ -61,7 +67,6 @@ def test_the_first_losses_of_every_stage_are_pinned(tmp_path, tiny_model_dir, pa
     assert set(PINNED) == {name for name, s in STAGES.items() if s.trains}
     got = {stage: first_values(stage, cls, base, PINNED[stage])
            for stage, (cls, base) in configs(tmp_path, tiny_model_dir, parity_task, mod2).items()}
-    print(json.dumps(got))
     for stage, want in PINNED.items():
         for key, values in want.items():
-            assert got[stage][key] == pytest.approx(values, rel=1e-4, abs=1e-7), (stage, key, got[stage][key])
+            assert got[stage][key] == pytest.approx(values, rel=1e-4, abs=2e-6), (stage, key, got[stage][key])

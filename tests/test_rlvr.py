@@ -205,7 +205,9 @@ def test_every_variant_raises_heldout_accuracy(mod2_task, tmp_path, name):
     if name.startswith("async"):
         steps = [r for r in rows if "reward" in r]
         assert {r["staleness"] for r in steps if r["step"] > 1} == {1}
-        assert all(r["engine_logprob_abs_diff"] > 0 and r["async_wait_seconds"] >= 0 for r in steps[1:])
+        assert all(r["engine_logprob_abs_diff"] > 0 for r in steps[1:])  # the worker's weights are a step old
+        hidden = 1 - sum(r["async_wait_seconds"] for r in steps[1:]) / sum(r["generate_seconds"] for r in steps[1:])
+        assert hidden > 0.5, hidden  # generation overlapped training: measured 0.72 of it hidden
 
 
 def test_ppo_raises_the_reward_and_saves_its_value_model(mod2_task, tmp_path):

@@ -117,14 +117,29 @@ def test_a_frozen_head_gives_the_models_own_values_and_gradients(tiny_model_dir,
     assert max_diff(fused_grads, ref_grads) <= 1e-12 * scale
 
 
+def disjoint_additions(tmp_path, train: list[dict]) -> list[dict]:
+    """20 single-digit additions none of the training records asks, as an ``eval_datasets`` entry."""
+    asked = {r["messages"][0]["content"] for r in train}
+    held = [r for r in addition_records(100, seed=1) if r["messages"][0]["content"] not in asked][:20]
+    assert len(held) == 20
+    return [{"path": str(write_jsonl(tmp_path / "h.jsonl", held))}]
+
+
+def heldout_losses(run_dir) -> list[float]:
+    """The held-out loss after each step (``eval_steps: 1``), the final evaluation last."""
+    return [r["eval/loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in r]
+
+
 def test_freeze_embeddings_trains_everything_but_the_embeddings(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", addition_records(40))
-    res = sft(tmp_path, tiny_model_dir, data, packing=True, freeze_embeddings=True, save_steps=2)
+    heldout = disjoint_additions(tmp_path, addition_records(40))
+    res = sft(tmp_path, tiny_model_dir, data, packing=True, freeze_embeddings=True, save_steps=2, eval_datasets=heldout,
+              eval_steps=1)
     trained, base = weights(res.output_dir), weights(tiny_model_dir)
     unmoved = {k for k in base if torch.equal(trained[k], base[k])}
     assert unmoved == {"model.embed_tokens.weight"}
-    losses = [json.loads(x)["loss"] for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert losses[-1] < losses[0]
+    losses = heldout_losses(res.output_dir)  # measured 5.40, 5.25, 5.20, 5.17
+    assert losses == sorted(losses, reverse=True) and losses[0] - losses[-1] > 0.2, losses
     # a row copied before training, then kept (frozen): the saved model has it
     res = sft(tmp_path, tiny_model_dir, data, "copied", freeze_embeddings=True, init_embeddings_from={"<pad>": "</s>"})
     tok, emb = load_tokenizer(str(tiny_model_dir)), weights(res.output_dir)["model.embed_tokens.weight"]
@@ -267,15 +282,16 @@ def test_the_model_license_follows_the_lineage(tmp_path, tiny_model_dir):
 
 def test_lora_trains_adapters_and_saves_a_merged_model(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", addition_records(40))
+    heldout = disjoint_additions(tmp_path, addition_records(40))
     res = sft(tmp_path, tiny_model_dir, data, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-              learning_rate=1e-2, max_steps=6, packing=True, save_steps=3)
+              learning_rate=1e-2, max_steps=6, packing=True, save_steps=3, eval_datasets=heldout, eval_steps=1)
     merged, base = weights(res.output_dir), weights(tiny_model_dir)
     assert set(merged) == set(base)  # a plain checkpoint, no adapter keys
     changed = {k for k in base if not torch.equal(merged[k], base[k])}
     assert changed and all(any(p in k for p in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
     assert (res.output_dir / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").is_file()
-    losses = [json.loads(x)["loss"] for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert losses[-1] < losses[0]
+    losses = heldout_losses(res.output_dir)  # measured 5.65 falling every step to 5.28
+    assert losses == sorted(losses, reverse=True) and losses[0] - losses[-1] > 0.3, losses
 
 
 def test_gradient_checkpointing_gives_the_same_run(tmp_path, tiny_model_dir):

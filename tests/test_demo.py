@@ -1,4 +1,4 @@
-"""``posttrain demo``: the whole recipe on a tiny model, shortened; a re-run skips every stage."""
+"""``posttrain demo``: the whole recipe on a tiny model, as shipped, gaining at every post-training stage; a re-run skips every stage."""
 
 import json
 

@@ -26,6 +26,7 @@ completions stored with the checkpoint (``state``); a resumed run trains on exac
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -37,8 +38,25 @@ import torch
 from posttrain.inference.engine import Completion
 
 
-def _serve_process(model_path: str, dtype: str, tokenizer, batch_size: int, threads: int, jobs, results) -> None:
+def _die_with(trainer: int) -> None:
+    """SIGKILL this process when the trainer that started it dies (Linux ``PR_SET_PDEATHSIG``): a kill
+    -9 of the trainer leaves no worker holding its memory, its model and the trainer's pipes."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker ends when it reads the trainer's None
+        return
+    if os.getppid() != trainer:  # the trainer died before the call
+        os._exit(1)
+
+
+def _serve_process(trainer: int, model_path: str, dtype: str, tokenizer, batch_size: int, threads: int, jobs,
+                   results) -> None:
     """The worker process: load the policy once, then per job load its weights and generate."""
+    _die_with(trainer)
     torch.set_num_threads(threads)
     try:
         from posttrain.inference.open import rollout_engine
@@ -68,7 +86,8 @@ class ProcessWorker:
         ctx = torch.multiprocessing.get_context("spawn")
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
         self.process = ctx.Process(target=_serve_process, daemon=True,
-                                   args=(model_path, dtype, tokenizer, batch_size, threads, self.jobs, self.results))
+                                   args=(os.getpid(), model_path, dtype, tokenizer, batch_size, threads, self.jobs,
+                                         self.results))
         self.process.start()
 
     def submit(self, step: int, weights: dict, prompts: list, sampling) -> None:

@@ -157,8 +157,8 @@ def fsdp(model: str, template: str | None, data: Path, out: Path, job: dict, pro
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     peaks = metrics.get("peak_gpu_mb_per_process") or metrics["peak_rss_mb_per_process"]
-    return {"speed": rate([(r["elapsed_seconds"], r["num_input_tokens_seen"]) for r in rows]),
-            "tokens_per_second": rate([(r["elapsed_seconds"], r["num_input_tokens_seen"]) for r in rows]),
+    tokens = rate([(r["elapsed_seconds"], r["num_input_tokens_seen"]) for r in rows])
+    return {"speed": tokens, "tokens_per_second": tokens,
             "peak_mib": max(peaks), "seconds": round(time.perf_counter() - started, 1), "processes": processes}
 
 

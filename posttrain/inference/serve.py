@@ -65,11 +65,11 @@ class ClientGone(Exception):
 class Served:
     engine: object
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one generation at a time per model
+    vocab_size: int | None = field(init=False)
 
-    @property
-    def vocab_size(self) -> int | None:
+    def __post_init__(self):
         tokenizer = getattr(self.engine, "tokenizer", None)
-        return len(tokenizer) if tokenizer is not None else None
+        self.vocab_size = len(tokenizer) if tokenizer is not None else None
 
     def check_prompt(self, req) -> None:
         """A prompt and ``max_tokens`` that fit the model's context (a ``max_tokens`` not asked for is cut
@@ -86,9 +86,12 @@ class Served:
                              f"context is {context} tokens")
 
 
-def generate(served: Served, req, on_text=None) -> list:
-    """Completions for one chat request (in a worker thread, holding the model's lock)."""
+def generate(served: Served, req, on_text=None, started=None) -> list:
+    """Completions for one chat request (in a worker thread, holding the model's lock); ``started()``
+    once the prompt is known to fit."""
     served.check_prompt(req)
+    if started is not None:
+        started()
     if req.budget is not None:
         from posttrain.inference.budget_forcing import generate as forced
 
@@ -214,14 +217,12 @@ def make_app(engines: dict, access: Access = Access(), limits: Limits = Limits()
                 raise ClientGone
             loop.call_soon_threadsafe(queue.put_nowait, ("text", j, delta))
 
-        def started_then_generate():
-            served.check_prompt(req)
+        def started():
             loop.call_soon_threadsafe(queue.put_nowait, ("started",))
-            return generate(served, req, on_text)
 
         async def produce():
             try:
-                queue.put_nowait(("done", await locked(served, started_then_generate)))
+                queue.put_nowait(("done", await locked(served, generate, served, req, on_text, started)))
             except Exception as e:  # noqa: BLE001 - the reply carries it
                 queue.put_nowait(("error", e))
 

@@ -255,7 +255,7 @@ def test_vllm_servers_killed_mid_run_the_run_goes_on_or_resumes_exactly(mod2, mo
         from posttrain.inference.vllm_servers import VLLMServers
 
         prompt = [{"role": "user", "content": "What is 1234 mod 2?"}]
-        chat = OpenAIEngine(mod2["sft"], url_a + "/v1").generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))
+        chat = OpenAIEngine(mod2["sft"], url_a + "/v1", api_key=SERVER_KEY).generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))
         tok = load_tokenizer(mod2["sft"])
         rollout = VLLMServers([url_b], tok).generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))
         assert chat[0].text == rollout[0].text
@@ -277,7 +277,8 @@ def test_vllm_servers_killed_mid_run_the_run_goes_on_or_resumes_exactly(mod2, mo
             rlvr(mod2, resumed, vllm_servers=[url_a], **steps)
         c, url_c = start_server(mod2["sft"], 0)
         wait_ready([(c, url_c)])
-        monkeypatch.undo()
+        monkeypatch.undo()  # the kill, and with it the key: set it again
+        monkeypatch.setenv("POSTTRAIN_API_KEY", SERVER_KEY)
         rlvr(mod2, resumed, vllm_servers=[url_c], **steps)
         assert "resum" in capfd.readouterr().err.lower()
         assert all(torch.equal(v, want[k]) for k, v in final_weights(resumed).items())

@@ -11,6 +11,10 @@ tokenizes as it does when the prompt is rendered for generation.
 Retrieved context inside an assistant turn is read, never trained: a ``<paragraph>...</paragraph>``
 span (Self-RAG's passages, tags included) is cut out of the trained span as an untrained segment.
 
+Tool use (posttrain.data.tools): a tool-aware template renders ``tool_calls`` and ``tools`` itself;
+any other gets the documented default format. ``tool`` turns are never trained: each assistant turn
+is, calls included.
+
 A template must be prefix-consistent (rendering more turns only appends text); one that rewrites
 earlier turns (e.g. drops past reasoning) is refused with a clear error.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from posttrain.data import tools as tool_format
 from posttrain.errors import UserError
 from posttrain.templates import CHATML, GEMMA, TULU
 
@@ -57,20 +62,27 @@ def use_template(tokenizer, name: str | None) -> str:
     return label
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+    """The conversation as text; with tool calls, tool turns or ``tools``, in the template's own tool
+    format or the default one (posttrain.data.tools)."""
+    if tool_format.tool_aware(getattr(tokenizer, "chat_template", None)):
+        return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        messages = tool_format.default_format(tokenizer, messages, tools)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def segments(tokenizer, messages: list[dict], train_from: int = 0) -> list[tuple[str, bool]]:
+def segments(tokenizer, messages: list[dict], train_from: int = 0, tools: list[dict] | None = None) -> list[tuple[str, bool]]:
     """Cut the rendered conversation into ``(text, trained)`` pieces; trained = the span of an
     assistant turn at index ``>= train_from`` (preference pairs train only the turns after the prompt)."""
-    full = render(tokenizer, messages)
+    full = render(tokenizer, messages, tools=tools)
     out, pos = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < train_from:
             continue
-        start = render(tokenizer, messages[:i], add_generation_prompt=True)
-        end = render(tokenizer, messages[: i + 1])
+        start = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        end = render(tokenizer, messages[: i + 1], tools=tools)
         if not (end.startswith(start) and full.startswith(end) and len(start) >= pos):
             raise UserError("the chat template is not prefix-consistent (rendering more turns changes earlier "
                             "text), so assistant spans cannot be found; set chat_template to tulu or chatml")
@@ -97,9 +109,10 @@ class Tokenized:
     truncated: bool
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, train_from: int = 0) -> Tokenized:
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, train_from: int = 0,
+                          tools: list[dict] | None = None) -> Tokenized:
     ids, mask = [], []
-    for text, trained in segments(tokenizer, messages, train_from):
+    for text, trained in segments(tokenizer, messages, train_from, tools):
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(piece)
         mask.extend([trained] * len(piece))
@@ -107,9 +120,10 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, trai
     return Tokenized(ids[:max_length], mask[:max_length], truncated)
 
 
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of a prompt rendered for generation (the same ids training saw before a reply)."""
-    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True, tools=tools),
+                     add_special_tokens=False)["input_ids"]
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -1,6 +1,8 @@
 """The three record kinds and their validation (Hugging Face conventions).
 
-- SFT:         ``{"messages": [{"role": "system|user|assistant", "content": str}, ...]}``
+- SFT:         ``{"messages": [{"role": "system|user|assistant|tool", "content": str}, ...], "tools": [...]}``
+  (an assistant turn may carry ``tool_calls``; ``tool`` turns answer them; ``tools`` is optional:
+  posttrain.data.tools has the format)
 - Preference:  ``{"prompt": messages, "chosen": messages, "rejected": messages}`` where ``prompt``
   is the shared turns and ``chosen``/``rejected`` the assistant turn(s) that follow them.
 - Verifiable:  ``{"messages": prompt turns, "ground_truth": ..., "verifier": name}``.
@@ -13,8 +15,51 @@ from __future__ import annotations
 
 from posttrain.errors import UserError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 PASSTHROUGH = ("source", "license", "id")
+
+
+def check_tool_calls(calls, where: str, field: str) -> list[dict]:
+    """An assistant turn's ``tool_calls`` as ``[{"type": "function", "function": {"name", "arguments": {...}}}]``
+    (``arguments`` given as a JSON string, OpenAI's form, is decoded; an ``id`` is kept)."""
+    import json
+
+    if not isinstance(calls, list) or not calls:
+        raise UserError(f"{where}: field '{field}' must be a non-empty list of tool calls")
+    out = []
+    for j, c in enumerate(calls):
+        f = f"{field}[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict):
+            raise UserError(f"{where}: field '{f}.function' must be an object with 'name' and 'arguments'")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise UserError(f"{where}: field '{f}.function.name' must be a non-empty string")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                raise UserError(f"{where}: field '{f}.function.arguments' is a string that is not JSON") from None
+        if not isinstance(args, dict):
+            raise UserError(f"{where}: field '{f}.function.arguments' must be a JSON object")
+        call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        out.append(call)
+    return out
+
+
+def check_tools(tools, where: str) -> list[dict]:
+    """A record's ``tools``: ``[{"type": "function", "function": {"name", "description", "parameters"}}]``."""
+    if not isinstance(tools, list):
+        raise UserError(f"{where}: field 'tools' must be a list of tool schemas")
+    for j, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise UserError(f"{where}: field 'tools[{j}].function.name' must be a non-empty string")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise UserError(f"{where}: field 'tools[{j}].function.parameters' must be a JSON schema object")
+    return tools
 
 
 def check_messages(messages, where: str, field: str = "messages", need_assistant: bool = True,
@@ -40,15 +85,27 @@ def check_messages(messages, where: str, field: str = "messages", need_assistant
         if "content" not in m:
             raise UserError(f"{where}: field '{f}.content' is missing")
         content = m["content"]
+        if content is None and role == "assistant" and m.get("tool_calls"):
+            content = ""  # OpenAI's form of a turn that only calls tools
         if not isinstance(content, str):
             raise UserError(f"{where}: field '{f}.content' must be a string, got {type(content).__name__}")
+        turn = {"role": role, "content": content}
         if role == "assistant":
-            if not content.strip() and not allow_empty:
+            if m.get("tool_calls") is not None:
+                turn["tool_calls"] = check_tool_calls(m["tool_calls"], where, f"{f}.tool_calls")
+            if not content.strip() and "tool_calls" not in turn and not allow_empty:
                 raise UserError(f"{where}: field '{f}.content' is an empty assistant turn")
             if not seen_user:
                 raise UserError(f"{where}: field '{f}' is an assistant turn before any user turn")
+        if role == "tool":
+            before = out[-1] if out else None
+            if before is None or not (before.get("tool_calls") or before["role"] == "tool"):
+                raise UserError(f"{where}: field '{f}' is a tool turn that answers no assistant tool call")
+            for key in ("name", "tool_call_id"):
+                if isinstance(m.get(key), str):
+                    turn[key] = m[key]
         seen_user = seen_user or role == "user"
-        out.append({"role": role, "content": content})
+        out.append(turn)
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise UserError(f"{where}: field '{field}' has no assistant turn to train on")
     return out
@@ -61,7 +118,10 @@ def _extras(rec: dict) -> dict:
 def sft_record(rec: dict, where: str) -> dict:
     if "messages" not in rec:
         raise UserError(f"{where}: field 'messages' is missing (keys: {', '.join(map(str, rec)) or 'none'})")
-    return {"messages": check_messages(rec["messages"], where), **_extras(rec)}
+    out = {"messages": check_messages(rec["messages"], where), **_extras(rec)}
+    if rec.get("tools") is not None:
+        out["tools"] = check_tools(rec["tools"], where)
+    return out
 
 
 def _as_turns(value, role: str, where: str, field: str) -> list[dict]:
@@ -122,4 +182,7 @@ def verifiable_record(rec: dict, where: str) -> dict:
     verifier = rec.get("verifier", rec.get("dataset"))  # open-instruct calls it 'dataset'
     if not isinstance(verifier, str) or not verifier:
         raise UserError(f"{where}: field 'verifier' (or 'dataset') must name a verifier")
-    return {"messages": messages, "ground_truth": rec["ground_truth"], "verifier": verifier, **_extras(rec)}
+    out = {"messages": messages, "ground_truth": rec["ground_truth"], "verifier": verifier, **_extras(rec)}
+    if rec.get("tools") is not None:
+        out["tools"] = check_tools(rec["tools"], where)
+    return out

@@ -44,7 +44,7 @@ def tokenize_records(tokenizer, records: list[dict], max_length: int) -> tuple[l
     token after truncation to ``max_length``."""
     samples, dropped, truncated = [], 0, 0
     for rec in records:
-        t = chat.tokenize_conversation(tokenizer, rec["messages"], max_length)
+        t = chat.tokenize_conversation(tokenizer, rec["messages"], max_length, tools=rec.get("tools"))
         if not any(t.labels_mask[1:]):
             dropped += 1
             continue

@@ -1,0 +1,25 @@
+"""Environments for multi-turn tool use (posttrain.envs.base has the interface): ``python`` (a sandboxed
+interpreter), ``search`` (a ``posttrain data index`` datastore), and environments of the ``verifiers``
+and OpenEnv libraries through their adapters (``verifiers:<module>``, ``openenv:<module>:<class>``).
+``make_env(name, **args)`` builds one by name."""
+
+from __future__ import annotations
+
+from posttrain.errors import UserError
+
+BUILTIN = ("python", "search")
+
+
+def make_env(name: str, **args):
+    try:
+        if name == "python":
+            from posttrain.envs.python import PythonEnv
+
+            return PythonEnv(**args)
+        if name == "search":
+            from posttrain.envs.search import SearchEnv
+
+            return SearchEnv(**args)
+    except TypeError as e:
+        raise UserError(f"env {name}: {e}") from None
+    raise UserError(f"env: unknown environment {name!r}; expected one of {', '.join(BUILTIN)}")

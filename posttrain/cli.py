@@ -66,11 +66,29 @@ def cmd_eval(args) -> None:
         raise UserError("give exactly one of --model DIR and --checkpoints RUN_DIR")
     kwargs = dict(limit=args.limit, data=_data_map(args.data), batch_size=args.batch_size, seed=args.seed, samples=args.samples,
                   judge=args.judge, max_new_tokens=args.max_new_tokens, engine=args.engine, chat_template=args.chat_template)
+    if args.env:
+        kwargs.update(env=args.env, env_args=_env_args(args.env_arg), max_turns=args.max_turns,
+                      max_episode_tokens=args.max_episode_tokens)
+    elif args.env_arg:
+        raise UserError("--env-arg needs --env")
     if args.checkpoints:
         evaluate_checkpoints(args.checkpoints, names, args.output, **kwargs)
     else:
         evaluate(args.model, names, args.output, **kwargs)
     print(f"{args.output}/results.json")
+
+
+def _env_args(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` options of an environment, each value read as YAML (``timeout=5`` is a number)."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env-arg {pair!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def cmd_compare(args) -> None:
@@ -138,6 +156,11 @@ def cmd_demo(args) -> None:
         return
     if args.facts or args.seed is not None:
         raise UserError("--facts and --seed are options of `posttrain demo selfrag`")
+    if args.overrides and args.overrides[0] == "tools":
+        from posttrain.demo_tools import run_tools_demo
+
+        run_tools_demo(args.output or "runs/demo-tools", args.overrides[1:])
+        return
     from posttrain.demo import run_demo
 
     run_demo(args.output or "runs/demo", args.overrides)
@@ -206,6 +229,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=16)
     e.add_argument("--chat-template", help="render prompts with this template (tulu, chatml, gemma or Jinja) instead of "
                                            "the tokenizer's own: a base model in its successors' format")
+    e.add_argument("--env", choices=["python", "search"],
+                   help="play generating tasks as multi-turn episodes with this environment's tools (docs/agents.md)")
+    e.add_argument("--env-arg", action="append", metavar="KEY=VALUE",
+                   help="an option of the environment, e.g. timeout=5 or index=DIR (YAML values)")
+    e.add_argument("--max-turns", type=positive_int, default=4, help="with --env: model turns per episode at most")
+    e.add_argument("--max-episode-tokens", type=positive_int, default=1024,
+                   help="with --env: tokens after the prompt per episode, tool results included")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", default="runs/eval", help="output directory (default: runs/eval)")
     e.set_defaults(func=cmd_eval)

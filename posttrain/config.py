@@ -213,6 +213,12 @@ class RLVRConfig(TrainConfig):
     mask_truncated: bool = False  # completions cut by max_completion_length get no gradient
     # a prompt computed once for its completions in the update (see posttrain.train.rl.rows)
     share_prompt: Literal["auto", "always", "never"] = "auto"
+    # multi-turn tool use (posttrain.envs): every rollout is an episode of this environment, in which
+    # max_completion_length bounds each model turn
+    env: str | None = None  # python or search; None: single-turn completions
+    env_args: dict = field(default_factory=dict)  # the environment's options, e.g. {timeout: 5} or {index: DIR}
+    max_turns: int = 4  # model turns per episode at most
+    max_episode_tokens: int = 1024  # tokens after the prompt per episode, the environment's included
     # rewards: score = sum_v verifier_weights[v] * verifier_v  (+ format_reward_weight * format)
     #                  - unfinished_penalty (completions that hit max_completion_length)
     verifier_weights: dict = field(default_factory=dict)  # verifier name -> weight (default 1.0)
@@ -283,6 +289,10 @@ class RLVRConfig(TrainConfig):
             raise UserError(f"config: key 'vllm_importance_sampling_cap' must be >= 1, got {self.vllm_importance_sampling_cap}")
         if self.engine == "vllm" and self.use_peft:
             raise UserError("config: engine vllm with use_peft is not supported (the adapter is not pushed to vLLM)")
+        if self.env is not None and (self.max_turns < 1 or self.max_episode_tokens < 1):
+            raise UserError("config: keys 'max_turns' and 'max_episode_tokens' must be >= 1")
+        if self.env is not None and self.async_steps:
+            raise UserError("config: env with async_steps is not supported yet (episodes run in the trainer's process)")
         if self.use_peft and self.beta > 0:
             raise UserError("config: use_peft with beta > 0 is not supported (the reference would share the adapter's base)")
 

@@ -249,8 +249,9 @@ def load_sharded_checkpoint(path: Path, dtype):
 
 def build_tiny(out_dir: str | Path, texts: list[str], *, vocab_size: int = 512, hidden_size: int = 64,
                num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
-               max_position_embeddings: int = 1024, seed: int = 0, arch: str = "llama"):
-    """Train a byte-level BPE tokenizer on ``texts`` (digits split one per token), build a model of
+               max_position_embeddings: int = 1024, seed: int = 0, arch: str = "llama", split_words: bool = True):
+    """Train a byte-level BPE tokenizer on ``texts`` (digits split one per token; ``split_words=False``
+    lets merges cross spaces and punctuation, so boilerplate repeated in ``texts`` becomes a few tokens), build a model of
     the given size with seeded random weights, save both to ``out_dir`` and return them. ``arch``:
     ``llama``, or ``gemma3`` (Gemma 3's layers: q/k norms, sandwich norms, a local sliding-window layer
     beside global ones, scaled embeddings; a stand-in for ``gemma3-270m``)."""
@@ -260,7 +261,7 @@ def build_tiny(out_dir: str | Path, texts: list[str], *, vocab_size: int = 512, 
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

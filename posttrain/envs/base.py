@@ -61,8 +61,15 @@ class ToolEnv:
     tools: list[dict] = []
     system_prompt: str | None = None
 
-    def __init__(self, malformed_penalty: float = 0.0, tool_error_penalty: float = 0.0):
+    def __init__(self, malformed_penalty: float = 0.0, tool_error_penalty: float = 0.0, system_prompt: str | None = None,
+                 list_tools: bool = True):
+        """``system_prompt``: the system turn an episode starts with when its record has none (None: the
+        environment's own; "": none); ``list_tools: false``: the prompt does not list the tools (a model
+        trained to call them needs no listing; calls are parsed the same)."""
         self.malformed_penalty, self.tool_error_penalty = malformed_penalty, tool_error_penalty
+        if system_prompt is not None:
+            self.system_prompt = system_prompt or None
+        self.list_tools = list_tools
 
     @property
     def tool_names(self) -> set[str]:
@@ -72,7 +79,7 @@ class ToolEnv:
         messages = [dict(m) for m in record["messages"]]
         if self.system_prompt and not (messages and messages[0]["role"] == "system"):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return Start(messages, record.get("tools") or self.tools, self.new_state(record))
+        return Start(messages, (record.get("tools") or self.tools) if self.list_tools else [], self.new_state(record))
 
     def new_state(self, record: dict):
         return None

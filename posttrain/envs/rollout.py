@@ -4,7 +4,8 @@
 per record (record-major, as ``Engine.generate``'s completions). Each turn, every episode still going
 is one prompt of one ``engine.generate`` call (its whole token sequence so far, ``n = 1``; the
 engine's per-completion seeds depend on those tokens and ``sampling.seed + turn``, so a run is
-reproducible and an episode does not depend on the others of its call). The model's tokens are kept
+reproducible and an episode does not depend on the others of its call; the environment's steps of a
+turn run in threads, each episode's in its own state). The model's tokens are kept
 as sampled; the environment's answer is appended as the chat template renders it:
 
     ids  = prompt | model turn 1 | tail of turn 1 + tool turns + generation prompt | model turn 2 | ...
@@ -24,6 +25,7 @@ the trajectory in record form (``messages``, tool calls as ``tool_calls``), the 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from posttrain.data import chat
@@ -55,7 +57,7 @@ class _Live:
     done: bool = False
 
 
-def record_turn(text: str, tool_names: set[str]) -> dict:
+def record_turn(text: str, tool_names: set[str] | None) -> dict:
     """A model turn in record form: ``tool_calls`` when every call in it can be read, else the raw text."""
     parsed = tool_format.parse_tool_calls(text, tool_names)
     if parsed.calls and all(c is not None for c in parsed.calls):
@@ -81,10 +83,12 @@ def continuation_ids(tokenizer, conversation: list[dict], text: str, stop_text: 
 
 
 def run_episodes(engine, env: Environment, records: list[dict], sampling: SamplingParams, max_turns: int = 4,
-                 max_tokens: int = 1024) -> list[Episode]:
+                 max_tokens: int = 1024, workers: int = 8) -> list[Episode]:
+    """``workers`` threads run the environment's steps of a turn (a sandboxed call waits on its process)."""
     tok = engine.tokenizer
     stop_ids = set(engine.stop_ids)
     live: list[_Live] = []
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
         for i, rec in enumerate(records):
             for _ in range(sampling.n):
@@ -92,7 +96,7 @@ def run_episodes(engine, env: Environment, records: list[dict], sampling: Sampli
                 prompt = chat.prompt_ids(tok, start.messages, start.tools)
                 live.append(_Live(Episode("", [], "stop", prompt_index=i, messages=[dict(m) for m in start.messages]),
                                   start.state, start.tools, prompt, list(start.messages)))
-        names = {id(x): {t["function"]["name"] for t in x.tools} for x in live}
+        names = {id(x): {t["function"]["name"] for t in x.tools} or getattr(env, "tool_names", None) for x in live}
         for turn in range(max_turns):
             going = [x for x in live if not x.done]
             if not going:
@@ -101,12 +105,13 @@ def run_episodes(engine, env: Environment, records: list[dict], sampling: Sampli
             outs = engine.generate([x.prompt + x.episode.token_ids for x in going],
                                    replace(sampling, n=1, seed=sampling.seed + turn,
                                            max_new_tokens=max(1, min(sampling.max_new_tokens, min(room)))))
-            for x, out, left in zip(going, outs, room):
-                _advance(x, out, left, env, tok, stop_ids, names[id(x)], last=turn == max_turns - 1)
+            list(pool.map(lambda job: _advance(*job, env, tok, stop_ids, names[id(job[0])], turn == max_turns - 1),
+                          zip(going, outs, room)))
         for x in live:
             if not x.done:
                 x.episode.finish_reason = "turns"
     finally:
+        pool.shutdown()
         for x in live:
             env.close(x.state)
     return [x.episode for x in live]

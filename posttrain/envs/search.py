@@ -8,6 +8,8 @@ a ``rag_facts``-style verifier) cite what it read. The index is opened once and 
 
 from __future__ import annotations
 
+import threading
+
 from posttrain.envs.base import ToolEnv, ToolError
 from posttrain.errors import UserError
 from posttrain.rag.index import Retriever
@@ -31,6 +33,7 @@ class SearchEnv(ToolEnv):
         if not index:
             raise UserError("env search: give the index directory (env_args: {index: DIR}, from `posttrain data index`)")
         self.retriever = Retriever(index)
+        self.lock = threading.Lock()  # the retriever reads passages through one file handle
         self.mode, self.k, self.max_k, self.max_passage_chars = mode, k, max_k, max_passage_chars
 
     def call(self, state, name: str, arguments: dict) -> str:
@@ -39,7 +42,8 @@ class SearchEnv(ToolEnv):
             raise ToolError('search needs a non-empty string argument "query"')
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ToolError('"k" must be a positive integer')
-        hits = self.retriever.search(query, min(k, self.max_k), self.mode)
+        with self.lock:
+            hits = self.retriever.search(query, min(k, self.max_k), self.mode)
         if not hits:
             return "(no passage matches)"
         return "\n\n".join(f"[{h['doc_id']}#{h['chunk']}] {h.get('title') or ''}".rstrip() + "\n" + h["text"][:self.max_passage_chars]

@@ -2,7 +2,12 @@
 
 Output directory: ``results.json`` (task -> metric -> value, with instance and sample counts and the
 run's config), ``samples.jsonl`` (one object per sample: ``task``, ``id``, ``index``, ``prompt``,
-``output``, ``extracted``, ``ground_truth``, ``score``, ...), ``results.md`` (a table). Over the
+``output``, ``extracted``, ``ground_truth``, ``score``, ...), ``results.md`` (a table).
+
+With ``env`` (posttrain.envs), a generating task is played as episodes: the model may call the
+environment's tools for up to ``max_turns`` turns, its final answer is scored, and each sample also
+holds the ``trajectory`` (record form), ``turns``, ``tool_calls``, ``tool_errors`` and ``malformed``;
+the task's metrics add their means per sample. Over the
 checkpoints of a run: one such directory per checkpoint and ``curve.png`` (each task's first metric
 against the training step). Every file is written atomically.
 """
@@ -80,6 +85,31 @@ def loglikelihood_samples(task: Task, model, tokenizer, instances: list[dict], b
     return out
 
 
+EPISODE_COUNTS = ("turns", "tool_calls", "tool_errors", "malformed")
+
+
+def episode_samples(task: Task, engine, env, instances: list[dict], seed: int, max_turns: int, max_episode_tokens: int,
+                    max_new_tokens: int | None = None) -> list[dict]:
+    """Greedy episodes of ``env`` for a generating task's instances (one per instance), scored on the final answer."""
+    from posttrain.envs.rollout import run_episodes
+
+    records = [{"messages": i["prompt"] if isinstance(i["prompt"], list) else [{"role": "user", "content": i["prompt"]}]}
+               for i in instances]
+    eps = run_episodes(engine, env, records, SamplingParams(max_new_tokens=max_new_tokens or task.max_new_tokens,
+                                                            temperature=task.temperature, seed=seed),
+                       max_turns, max_episode_tokens)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        scored = list(pool.map(lambda e: task.score(e.text, instances[e.prompt_index]), eps))
+    out = []
+    for e, s in zip(eps, scored):
+        inst = instances[e.prompt_index]
+        out.append({"task": task.name, "id": inst.get("id"), "index": inst["index"], "prompt": inst["prompt"],
+                    "output": e.text, "ground_truth": inst["ground_truth"], "finish_reason": e.finish_reason,
+                    "output_tokens": sum(e.model_mask), "trajectory": e.messages,
+                    **{k: getattr(e, k) for k in EPISODE_COUNTS}, **s})
+    return out
+
+
 def judged_samples(task: Task, engine, judge, instances: list[dict], seed: int,
                    max_new_tokens: int | None = None) -> list[dict]:
     """Generate the model's answers, then have ``judge`` (an engine) compare each with its reference."""
@@ -101,6 +131,8 @@ def judged_samples(task: Task, engine, judge, instances: list[dict], seed: int,
 
 def summarize(task: Task, samples: list[dict]) -> dict:
     metrics = task.metrics(samples) if task.metrics else {"accuracy": sum(s["score"] for s in samples) / len(samples)}
+    if samples and "trajectory" in samples[0]:
+        metrics.update({k: sum(s[k] for s in samples) / len(samples) for k in EPISODE_COUNTS})
     return {**{k: round(v, 6) for k, v in metrics.items()}, "instances": len({s["index"] for s in samples}),
             "samples": len(samples)}
 
@@ -108,13 +140,22 @@ def summarize(task: Task, samples: list[dict]) -> dict:
 def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: int | None = None,
              data: dict[str, str] | None = None, batch_size: int = 16, seed: int = 0, samples: int | None = None,
              judge: str | None = None, max_new_tokens: int | None = None, engine: str = "transformers",
-             chat_template: str | None = None) -> dict:
+             chat_template: str | None = None, env: str | None = None, env_args: dict | None = None,
+             max_turns: int = 4, max_episode_tokens: int = 1024) -> dict:
     """``judge``: ``openai:<model>@<base_url>`` for judge-based tasks (else they are skipped);
     ``max_new_tokens`` caps every generating task (default: each task's own); ``engine``:
     ``transformers`` or ``vllm`` for a local model; ``chat_template``: render prompts with this
     template (a built-in name or Jinja) instead of the tokenizer's own, e.g. a base model evaluated in
-    the format its fine-tuned successors will use (a local model, either engine)."""
+    the format its fine-tuned successors will use (a local model, either engine); ``env``: play
+    generating tasks as episodes of this environment (module docstring)."""
     tasks = resolve_tasks(task_names)
+    environment = None
+    if env:
+        from posttrain.envs import make_env
+
+        environment = make_env(env, **(env_args or {}))
+        if str(model_path).startswith("openai:"):
+            raise UserError("env: episodes need a local model (their token sequences are the engine's)")
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if chat_template and str(model_path).startswith("openai:"):
@@ -172,6 +213,9 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
                                     max_new_tokens or t.max_new_tokens)
         elif t.kind == "judge":
             got = judged_samples(t, engine, judge_engine, instances[t.name], seed, max_new_tokens)
+        elif environment is not None:
+            got = episode_samples(t, engine, environment, instances[t.name], seed, max_turns, max_episode_tokens,
+                                  max_new_tokens)
         else:
             got = generate_samples(t, engine, instances[t.name], seed, samples, max_new_tokens)
         results[t.name] = {**summarize(t, got), "seconds": round(time.time() - started, 2)}
@@ -181,6 +225,8 @@ def evaluate(model_path: str, task_names: list[str], output: str | Path, limit: 
     config = {"model": str(model_path), "tasks": [t.name for t in tasks] + list(skipped), "limit": limit, "data": data,
               "seed": seed, "samples": samples, "judge": judge, "max_new_tokens": max_new_tokens, "engine": kind,
               "chat_template": chat_template, "model_license": license_of(str(model_path))}
+    if env:
+        config.update({"env": env, "env_args": env_args or {}, "max_turns": max_turns, "max_episode_tokens": max_episode_tokens})
     write_text(out / "samples.jsonl", "".join(json.dumps(s, default=str) + "\n" for s in all_samples))
     write_json(out / "results.json", {"results": results, "config": config})
     write_text(out / "results.md", table(results))

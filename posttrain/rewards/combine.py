@@ -7,6 +7,10 @@ the length limit without its end-of-turn token ``− overlong_penalty · min(max
 for a completion of ``L`` tokens with ``overlong_buffer B > 0`` (DAPO's soft overlong punishment, Yu et
 al. 2025: nothing up to ``L_max − B`` tokens, then linearly more, the full penalty at the limit
 ``L_max = max_completion_length``).
+
+An episode of an environment (posttrain.envs.rollout.Episode) is scored the same way on its final
+turn, with the environment's own reward in place of the verifier's when it gives one, plus its summed
+per-turn ``shaping``; one that ran out of turns counts as unfinished.
 """
 
 from __future__ import annotations
@@ -39,14 +43,20 @@ class Scorer:
 
     def __call__(self, prompts: list[dict], completions: list) -> tuple[torch.Tensor, dict[str, float]]:
         owners = [prompts[c.prompt_index] for c in completions]
-        verified = list(self.pool.map(lambda pc: float(get_verifier(pc[0]["verifier"])(pc[1].text, pc[0]["ground_truth"])),
-                                      zip(owners, completions)))
+        verified = list(self.pool.map(verify, owners, completions))
         scores = torch.tensor([self.scale * self.weights.get(p["verifier"], 1.0) * v for p, v in zip(owners, verified)],
                               dtype=torch.float32)
-        unfinished = torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.float32)
+        unfinished = torch.tensor([c.finish_reason in ("length", "turns") for c in completions], dtype=torch.float32)
         scores -= self.unfinished_penalty * unfinished
         metrics = {"verified": sum(verified), "unfinished": float(unfinished.sum()),
                    "completion_tokens": float(sum(len(c.token_ids) for c in completions))}
+        if completions and hasattr(completions[0], "model_mask"):  # episodes: the shaping and the counts
+            shaping = torch.tensor([c.shaping for c in completions], dtype=torch.float32)
+            scores += shaping
+            metrics["shaping"] = float(shaping.sum())
+            for key in ("turns", "tool_calls", "tool_errors", "malformed"):
+                metrics[key] = float(sum(getattr(c, key) for c in completions))
+            metrics["model_tokens"] = float(sum(sum(c.model_mask) for c in completions))
         for name in self.verifiers:  # every process reports every name, so the sums can be all-reduced
             mine = [v for p, v in zip(owners, verified) if p["verifier"] == name]
             metrics[f"verifier/{name}"], metrics[f"count/{name}"] = float(sum(mine)), float(len(mine))
@@ -66,6 +76,14 @@ class Scorer:
             metrics["overlong"] = float((self.overlong_penalty * over).sum())
         metrics["reward"] = float(scores.sum())
         return scores, metrics
+
+
+def verify(prompt: dict, completion) -> float:
+    """The verifier's score of a completion, or an environment's own final reward."""
+    own = getattr(completion, "env_reward", None)
+    if own is not None:
+        return float(own)
+    return float(get_verifier(prompt["verifier"])(completion.text, prompt["ground_truth"]))
 
 
 def overlong_fraction(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:

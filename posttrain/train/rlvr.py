@@ -48,13 +48,15 @@ import torch
 from posttrain.config import RLVRConfig
 from posttrain.data import chat
 from posttrain.data.mixing import mix
+from posttrain.envs import make_env
+from posttrain.envs.rollout import run_episodes
 from posttrain.errors import UserError
 from posttrain.inference.engine import SamplingParams
 from posttrain.inference.open import rollout_engine
 from posttrain.logprobs import TokenLogProbs
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rewards import get_verifier
-from posttrain.rewards.combine import Scorer
+from posttrain.rewards.combine import Scorer, verify
 from posttrain.train import contamination, parallel
 from posttrain.train.loop import Job, Objective, Result, Run, StepData, finished, train
 from posttrain.train.reward import PolicyAndValue, load_value_model
@@ -63,9 +65,10 @@ from posttrain.train.rl.rows import micro_batches, model_inputs
 from posttrain.util import log
 
 
-def prepare_prompts(tokenizer, records: list[dict], max_prompt_length: int) -> tuple[list[dict], dict]:
+def prepare_prompts(tokenizer, records: list[dict], max_prompt_length: int, env=None) -> tuple[list[dict], dict]:
     """Tokenized prompts; prompts longer than ``max_prompt_length`` are dropped and counted. Every
-    verifier name is checked here, before any model is loaded."""
+    verifier name is checked here, before any model is loaded. With an environment, a prompt is what
+    the episode starts from (its system turn and tools)."""
     prompts, too_long, verifiers = [], 0, {}
     for i, rec in enumerate(records):
         name = rec["verifier"]
@@ -75,12 +78,17 @@ def prepare_prompts(tokenizer, records: list[dict], max_prompt_length: int) -> t
             except UserError as e:
                 raise UserError(f"{rec.get('source', 'datasets')} record {i}: field 'verifier': {e}") from None
         verifiers[name] = verifiers.get(name, 0) + 1
-        ids = chat.prompt_ids(tokenizer, rec["messages"])
+        if env is None:
+            ids = chat.prompt_ids(tokenizer, rec["messages"], rec.get("tools"))
+        else:
+            start = env.reset(rec)
+            env.close(start.state)
+            ids = chat.prompt_ids(tokenizer, start.messages, start.tools)
         if len(ids) > max_prompt_length:
             too_long += 1
             continue
         prompts.append({"ids": ids, "ground_truth": rec["ground_truth"], "verifier": name,
-                        "messages": rec["messages"], "id": rec.get("id", i)})
+                        "messages": rec["messages"], "id": rec.get("id", i), "record": rec})
     return prompts, {"records": len(records), "prompts": len(prompts), "dropped_too_long": too_long,
                      "verifiers": verifiers}
 
@@ -118,19 +126,31 @@ def rl_objective(cfg: RLVRConfig) -> Objective:
 
 
 def completion_records(prompts: list[dict], completions: list) -> list[dict]:
-    """One record per completion: its prompt index, tokens, sampling log-probs (the old policy's) and
-    whether the length limit cut it."""
-    return [{"prompt": c.prompt_index, "token_ids": c.token_ids, "old_logp": c.logprobs,
-             "truncated": c.finish_reason == "length"} for c in completions]
+    """One record per completion: its prompt index, tokens, sampling log-probs (the old policy's),
+    whether a limit cut it and, for an episode, the mask of the model's own tokens."""
+    out = [{"prompt": c.prompt_index, "token_ids": c.token_ids, "old_logp": c.logprobs,
+            "truncated": c.finish_reason in ("length", "turns")} for c in completions]
+    for r, c in zip(out, completions):
+        if hasattr(c, "model_mask"):
+            r["model_mask"] = c.model_mask
+    return out
 
 
-def accuracy_fn(prompts: list[dict], tokenizer, cfg: RLVRConfig):
-    """Greedy held-out evaluation: the mean verifier score (unweighted), overall and per verifier."""
+def generate(engine, env, cfg: RLVRConfig, prompts: list[dict], sampling: SamplingParams) -> list:
+    """Completions of the prompts, or with an environment, episodes (posttrain.envs.rollout)."""
+    if env is None:
+        return engine.generate([p["ids"] for p in prompts], sampling)
+    return run_episodes(engine, env, [p["record"] for p in prompts], sampling, cfg.max_turns, cfg.max_episode_tokens)
+
+
+def accuracy_fn(prompts: list[dict], tokenizer, cfg: RLVRConfig, env=None):
+    """Greedy held-out evaluation: the mean verifier score (unweighted), overall and per verifier (of
+    the final answers of episodes, with an environment)."""
 
     def evaluate(model) -> dict:
         engine = rollout_engine("transformers", tokenizer, policy=model, batch_size=cfg.generation_batch_size)
-        outs = engine.generate([p["ids"] for p in prompts], SamplingParams(max_new_tokens=cfg.max_completion_length))
-        scores = [float(get_verifier(p["verifier"])(o.text, p["ground_truth"])) for p, o in zip(prompts, outs)]
+        outs = generate(engine, env, cfg, prompts, SamplingParams(max_new_tokens=cfg.max_completion_length))
+        scores = [verify(p, o) for p, o in zip(prompts, outs)]
         result = {"accuracy": sum(scores) / max(len(scores), 1), "prompts": len(scores)}
         names = sorted({p["verifier"] for p in prompts})
         if len(names) > 1:
@@ -147,8 +167,8 @@ class Rollouts:
 
     progress_keys = ("reward", "verified")
 
-    def __init__(self, cfg: RLVRConfig, prompts: list[dict], scorer: Scorer, reference: TokenLogProbs | None):
-        self.cfg, self.prompts, self.scorer, self.reference = cfg, prompts, scorer, reference
+    def __init__(self, cfg: RLVRConfig, prompts: list[dict], scorer: Scorer, reference: TokenLogProbs | None, env=None):
+        self.cfg, self.prompts, self.scorer, self.reference, self.env = cfg, prompts, scorer, reference, env
         self.updates_per_step = cfg.num_iterations
         self.engine = None  # made at the first step by posttrain.inference.open.rollout_engine
         self.gathered: torch.nn.Module | None = None  # under FSDP: the transformers engine's whole copy of the policy
@@ -198,7 +218,7 @@ class Rollouts:
             completions, info = self.ahead_completions(step, run)
         else:
             t_push = self.sync_engine(step, run)
-            completions = self.engine.generate([p["ids"] for p in mine], self.sampling(step))
+            completions = generate(self.engine, self.env, cfg, mine, self.sampling(step))
             info = {"generate_seconds": round(time.time() - t0 - t_push, 3)}
             if cfg.engine == "vllm":
                 info["weight_push_seconds"] = round(t_push, 3)
@@ -265,7 +285,7 @@ class Rollouts:
         sort(mine, completions, scores)
         while len(varied) < len(mine) and attempt < cfg.dynamic_sampling_max_tries:
             extra = self.select(step, run.rank, run.world, attempt)
-            comps = self.engine.generate([p["ids"] for p in extra], self.sampling(step, attempt))
+            comps = generate(self.engine, self.env, cfg, extra, self.sampling(step, attempt))
             sort(extra, comps, self.scorer(extra, comps)[0])
             sampled, attempt = sampled + len(extra), attempt + 1
         chosen = (varied + spare)[:len(mine)]
@@ -324,7 +344,8 @@ class Rollouts:
         out = {"loss": totals["loss"]}
         out.update({k: v / n for k, v in totals.items()
                     if k in ("reward", "verified", "unfinished", "completion_tokens", "format", "reward_model",
-                             "zero_variance", "overlong")})
+                             "zero_variance", "overlong", "shaping", "turns", "tool_calls", "tool_errors", "malformed",
+                             "model_tokens")})
         out.update({k: totals[k] for k in ("sampled_prompts", "zero_variance_fill") if k in totals})  # per step
         out.update({k: v / max(totals[f"count/{k[9:]}"], 1.0) for k, v in totals.items() if k.startswith("verifier/")})
         out.update({k: totals[k] / tokens for k in ("kl", "clip_fraction", "value_loss") if k in totals})
@@ -340,12 +361,13 @@ def run_rlvr(cfg: RLVRConfig) -> Result:
     tokenizer = load_tokenizer(cfg.model)
     template_label = chat.use_template(tokenizer, cfg.chat_template)
     records, lineage = mix(cfg.datasets, "verifiable", cfg.seed)
-    prompts, stats = prepare_prompts(tokenizer, records, cfg.max_prompt_length)
+    env = make_env(cfg.env, **cfg.env_args) if cfg.env else None
+    prompts, stats = prepare_prompts(tokenizer, records, cfg.max_prompt_length, env)
     stats["chat_template"] = template_label
     eval_fn = None
     if cfg.eval_datasets:
-        held, _ = prepare_prompts(tokenizer, mix(cfg.eval_datasets, "verifiable", cfg.seed)[0], cfg.max_prompt_length)
-        eval_fn = accuracy_fn(held, tokenizer, cfg)
+        held, _ = prepare_prompts(tokenizer, mix(cfg.eval_datasets, "verifiable", cfg.seed)[0], cfg.max_prompt_length, env)
+        eval_fn = accuracy_fn(held, tokenizer, cfg, env)
 
     model = load_model(cfg.model, cfg.dtype)
     reference = None
@@ -360,7 +382,7 @@ def run_rlvr(cfg: RLVRConfig) -> Result:
         policy = TokenLogProbs(m, cfg.temperature)
         return PolicyAndValue(policy, value) if value is not None else policy
 
-    source = Rollouts(cfg, prompts, make_scorer(cfg, list(stats["verifiers"])), reference)
+    source = Rollouts(cfg, prompts, make_scorer(cfg, list(stats["verifiers"])), reference, env)
     return train(cfg, model, tokenizer, Job("rlvr", source, rl_objective(cfg), lineage, stats, eval_fn=eval_fn, wrap=wrap,
                                             extra_models={"value": value.model} if value is not None else None,
                                             texts=contamination.user_texts(records)))

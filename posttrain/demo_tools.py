@@ -114,7 +114,7 @@ def run_tools_demo(out: str = "runs/demo-tools", overrides: list[str] | tuple[st
     texts = write_data(root)
     base = root / "tiny-base"
     if not (base / "config.json").exists():
-        build_tiny(base, texts, vocab_size=400, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, seed=0,
+        build_tiny(base, texts, vocab_size=400, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, seed=0,
                    split_words=False)
         log(f"demo tools: built a tiny Llama and tokenizer at {base}")
     recipe = root / "recipe.yaml"

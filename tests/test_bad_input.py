@@ -22,7 +22,7 @@ CASES = {
     "malformed_json": ([json.dumps(GOOD), '{"messages": [', json.dumps(GOOD)], "data.jsonl:2: malformed JSON"),
     "missing_messages": ([json.dumps(GOOD), json.dumps({"text": "x"})], "data.jsonl:2: field 'messages' is missing"),
     "wrong_role": ([json.dumps(GOOD), _msgs(role="bot")],
-                   "data.jsonl:2: field 'messages[1].role' must be one of system, user, assistant, got 'bot'"),
+                   "data.jsonl:2: field 'messages[1].role' must be one of system, user, assistant, tool, got 'bot'"),
     "empty_assistant": ([_msgs(content="  ")], "data.jsonl:1: field 'messages[1].content' is an empty assistant turn"),
     "wrong_type": ([json.dumps(GOOD), _msgs(content=42)], "data.jsonl:2: field 'messages[1].content' must be a string, got int"),
     "messages_not_list": ([json.dumps({"messages": "hi"})], "data.jsonl:1: field 'messages' must be a list of messages"),
@@ -81,7 +81,7 @@ def test_console_script_prints_no_traceback(tmp_path, tiny_model_dir):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: {data}:2: field 'messages[1].role' must be one of system, user, assistant, got 'bot'"
+    assert proc.stderr.strip() == f"error: {data}:2: field 'messages[1].role' must be one of system, user, assistant, tool, got 'bot'"
     assert not out.exists()
 
 

@@ -182,7 +182,7 @@ def imports_of(path: Path) -> list[tuple[str, list[str]]]:
 LAYERS = {"util": 0, "errors": 0, "templates": 0, "atomic": 0, "config": 0, "config_io": 0, "argtypes": 0,
           "__init__": 0,
           "models": 1, "logprobs": 1, "manifest": 1, "data": 1, "rewards": 1, "inference": 1,
-          "rag": 2, "eval": 2, "envs": 2, "train": 3, "stages": 4, "pipeline": 4, "report": 4, "demo": 4, "demo_selfrag": 4,
+          "rag": 2, "eval": 2, "envs": 2, "train": 3, "stages": 4, "pipeline": 4, "report": 4, "demo": 4, "demo_selfrag": 4, "demo_tools": 4,
           "commands": 5, "cli": 5}
 
 

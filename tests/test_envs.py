@@ -177,7 +177,7 @@ def test_search_returns_passages_with_ids(fact_index, chatml):
 
 
 def test_unknown_environment_and_bad_arguments_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="unknown environment 'shell'; expected one of python, search"):
+    with pytest.raises(UserError, match="unknown environment .shell.; expected one of python, search or openenv:<module>:<Class>"):
         make_env("shell")
     with pytest.raises(UserError, match="env python: .*unexpected keyword argument 'timout'"):
         make_env("python", timout=3)

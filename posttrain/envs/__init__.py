@@ -1,6 +1,6 @@
 """Environments for multi-turn tool use (posttrain.envs.base has the interface): ``python`` (a sandboxed
 interpreter), ``search`` (a ``posttrain data index`` datastore), and environments of the ``verifiers``
-and OpenEnv libraries through their adapters (``verifiers:<module>``, ``openenv:<module>:<class>``).
+library through its adapter (``openenv:<module>:<Class>``, posttrain.envs.openenv_adapter).
 ``make_env(name, **args)`` builds one by name."""
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ BUILTIN = ("python", "search")
 
 def make_env(name: str, **args):
     try:
+        if name.startswith("openenv:"):
+            from posttrain.envs.openenv_adapter import OpenEnvAdapter
+
+            return OpenEnvAdapter(name.removeprefix("openenv:"), **args)
         if name == "python":
             from posttrain.envs.python import PythonEnv
 
@@ -22,4 +26,4 @@ def make_env(name: str, **args):
             return SearchEnv(**args)
     except TypeError as e:
         raise UserError(f"env {name}: {e}") from None
-    raise UserError(f"env: unknown environment {name!r}; expected one of {', '.join(BUILTIN)}")
+    raise UserError(f"env: unknown environment {name!r}; expected one of {', '.join(BUILTIN)} or openenv:<module>:<Class>")

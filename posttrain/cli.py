@@ -229,8 +229,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=16)
     e.add_argument("--chat-template", help="render prompts with this template (tulu, chatml, gemma or Jinja) instead of "
                                            "the tokenizer's own: a base model in its successors' format")
-    e.add_argument("--env", choices=["python", "search"],
-                   help="play generating tasks as multi-turn episodes with this environment's tools (docs/agents.md)")
+    e.add_argument("--env", help="play generating tasks as multi-turn episodes with this environment's tools: python, "
+                   "search or openenv:<module>:<Class> (docs/agents.md)")
     e.add_argument("--env-arg", action="append", metavar="KEY=VALUE",
                    help="an option of the environment, e.g. timeout=5 or index=DIR (YAML values)")
     e.add_argument("--max-turns", type=positive_int, default=4, help="with --env: model turns per episode at most")

@@ -37,6 +37,21 @@ def thinker(tmp_path_factory):
             "prompts": [r["messages"][:1] for r in thinking_records()[::7]]}
 
 
+def test_episodes_on_vllm_match_the_transformers_engine(thinker):
+    """Multi-turn episodes (posttrain.envs.rollout) on vLLM: the same token sequences and masks as the
+    transformers engine's on >= 90% of greedy episodes of the python environment."""
+    from posttrain.envs import make_env
+    from posttrain.envs.rollout import run_episodes
+
+    env = make_env("python")
+    records = [{"messages": p} for p in thinker["prompts"]]
+    sampling = SamplingParams(max_new_tokens=24)
+    ours = run_episodes(thinker["local"], env, records, sampling, max_turns=2, max_tokens=64)
+    theirs = run_episodes(thinker["vllm"], env, records, sampling, max_turns=2, max_tokens=64)
+    same = [(a.token_ids, a.model_mask) == (b.token_ids, b.model_mask) for a, b in zip(ours, theirs)]
+    assert len(same) == len(records) and sum(same) >= 0.9 * len(same), [(a.text, b.text) for a, b in zip(ours, theirs)]
+
+
 def test_greedy_text_and_logprobs_agree_with_the_transformers_engine(thinker):
     sampling = SamplingParams(max_new_tokens=24)
     ours = thinker["local"].generate(thinker["prompts"], sampling)
@@ -144,6 +159,17 @@ def rlvr(mod2, out, **overrides):
 
 def metrics_rows(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+
+
+def test_rlvr_with_an_environment_on_vllm(mod2):
+    """``env: python`` with ``engine: vllm`` (in this process): episodes sampled by vLLM after each weight
+    push, the trainer's recomputed log-probs agreeing with vLLM's on the model's tokens."""
+    out = mod2["root"] / "vllm-env"
+    rlvr(mod2, out, max_steps=2, seed=0, engine="vllm", env="python", env_args={"timeout": 2}, max_prompt_length=4000,
+         max_turns=2, max_episode_tokens=16)
+    rows = metrics_rows(out)
+    assert len(rows) == 2 and all(r["turns"] >= 1 and r["model_tokens"] > 0 for r in rows)
+    assert all(r["engine_logprob_abs_diff"] < 1e-3 for r in rows), rows
 
 
 def test_grpo_with_vllm_rollouts_gains_as_much_as_with_the_transformers_engine(mod2):

@@ -83,9 +83,11 @@ def continuation_ids(tokenizer, conversation: list[dict], text: str, stop_text: 
 
 
 def run_episodes(engine, env: Environment, records: list[dict], sampling: SamplingParams, max_turns: int = 4,
-                 max_tokens: int = 1024, workers: int = 8) -> list[Episode]:
-    """``workers`` threads run the environment's steps of a turn (a sandboxed call waits on its process)."""
-    tok = engine.tokenizer
+                 max_tokens: int = 1024, workers: int = 8, tokenizer=None) -> list[Episode]:
+    """``workers`` threads run the environment's steps of a turn (a sandboxed call waits on its process);
+    ``tokenizer`` renders the conversation (default: the engine's; a trainer passes its own, which
+    carries the run's chat template)."""
+    tok = tokenizer or engine.tokenizer
     stop_ids = set(engine.stop_ids)
     live: list[_Live] = []
     pool = ThreadPoolExecutor(max_workers=workers)
@@ -101,10 +103,11 @@ def run_episodes(engine, env: Environment, records: list[dict], sampling: Sampli
             going = [x for x in live if not x.done]
             if not going:
                 break
+            # each episode is cut to its own room afterwards: its first tokens do not depend on the others'
             room = [max_tokens - len(x.episode.token_ids) for x in going]
             outs = engine.generate([x.prompt + x.episode.token_ids for x in going],
                                    replace(sampling, n=1, seed=sampling.seed + turn,
-                                           max_new_tokens=max(1, min(sampling.max_new_tokens, min(room)))))
+                                           max_new_tokens=max(1, min(sampling.max_new_tokens, max(room)))))
             list(pool.map(lambda job: _advance(*job, env, tok, stop_ids, names[id(job[0])], turn == max_turns - 1),
                           zip(going, outs, room)))
         for x in live:

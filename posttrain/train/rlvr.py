@@ -136,11 +136,13 @@ def completion_records(prompts: list[dict], completions: list) -> list[dict]:
     return out
 
 
-def generate(engine, env, cfg: RLVRConfig, prompts: list[dict], sampling: SamplingParams) -> list:
-    """Completions of the prompts, or with an environment, episodes (posttrain.envs.rollout)."""
+def generate(engine, env, cfg: RLVRConfig, prompts: list[dict], sampling: SamplingParams, tokenizer) -> list:
+    """Completions of the prompts, or with an environment, episodes (posttrain.envs.rollout) rendered
+    with the run's tokenizer."""
     if env is None:
         return engine.generate([p["ids"] for p in prompts], sampling)
-    return run_episodes(engine, env, [p["record"] for p in prompts], sampling, cfg.max_turns, cfg.max_episode_tokens)
+    return run_episodes(engine, env, [p["record"] for p in prompts], sampling, cfg.max_turns, cfg.max_episode_tokens,
+                        tokenizer=tokenizer)
 
 
 def accuracy_fn(prompts: list[dict], tokenizer, cfg: RLVRConfig, env=None):
@@ -149,7 +151,7 @@ def accuracy_fn(prompts: list[dict], tokenizer, cfg: RLVRConfig, env=None):
 
     def evaluate(model) -> dict:
         engine = rollout_engine("transformers", tokenizer, policy=model, batch_size=cfg.generation_batch_size)
-        outs = generate(engine, env, cfg, prompts, SamplingParams(max_new_tokens=cfg.max_completion_length))
+        outs = generate(engine, env, cfg, prompts, SamplingParams(max_new_tokens=cfg.max_completion_length), tokenizer)
         scores = [verify(p, o) for p, o in zip(prompts, outs)]
         result = {"accuracy": sum(scores) / max(len(scores), 1), "prompts": len(scores)}
         names = sorted({p["verifier"] for p in prompts})
@@ -218,7 +220,7 @@ class Rollouts:
             completions, info = self.ahead_completions(step, run)
         else:
             t_push = self.sync_engine(step, run)
-            completions = generate(self.engine, self.env, cfg, mine, self.sampling(step))
+            completions = generate(self.engine, self.env, cfg, mine, self.sampling(step), run.tokenizer)
             info = {"generate_seconds": round(time.time() - t0 - t_push, 3)}
             if cfg.engine == "vllm":
                 info["weight_push_seconds"] = round(t_push, 3)
@@ -285,7 +287,7 @@ class Rollouts:
         sort(mine, completions, scores)
         while len(varied) < len(mine) and attempt < cfg.dynamic_sampling_max_tries:
             extra = self.select(step, run.rank, run.world, attempt)
-            comps = generate(self.engine, self.env, cfg, extra, self.sampling(step, attempt))
+            comps = generate(self.engine, self.env, cfg, extra, self.sampling(step, attempt), run.tokenizer)
             sort(extra, comps, self.scorer(extra, comps)[0])
             sampled, attempt = sampled + len(extra), attempt + 1
         chosen = (varied + spare)[:len(mine)]
@@ -349,9 +351,9 @@ class Rollouts:
         out.update({k: totals[k] for k in ("sampled_prompts", "zero_variance_fill") if k in totals})  # per step
         out.update({k: v / max(totals[f"count/{k[9:]}"], 1.0) for k, v in totals.items() if k.startswith("verifier/")})
         out.update({k: totals[k] / tokens for k in ("kl", "clip_fraction", "value_loss") if k in totals})
-        for key in ("engine_logprob_abs_diff", "importance_sampling_capped"):  # per completion token
+        for key in ("engine_logprob_abs_diff", "importance_sampling_capped"):  # per sampled token
             if key in totals:
-                out[key] = totals[key] / max(totals["completion_tokens"], 1.0)
+                out[key] = totals[key] / max(totals.get("model_tokens", totals["completion_tokens"]), 1.0)
         return out
 
 

@@ -42,6 +42,9 @@ def prepare_advantages(cfg: RLVRConfig, run: Run, reference, prompts: list[dict]
             for r, values in split_tokens(out, batch, records[j * size:(j + 1) * size]):
                 r[key] = values
         net.train(was_training)
+    for r in records:  # an episode's environment tokens were not sampled: no engine log-prob to compare
+        if "model_mask" in r and "engine_logp" in r:
+            r["engine_logp"] = [e if m else o for e, o, m in zip(r["engine_logp"], r["old_logp"], r["model_mask"])]
     if cfg.engine == "vllm" or cfg.async_steps:
         metrics["engine_logprob_abs_diff"] = sum(abs(a - b) for r in records for a, b in zip(r["engine_logp"], r["old_logp"]))
     if cfg.vllm_importance_sampling_cap is not None:  # truncated importance sampling (posttrain.train.rl.grpo)

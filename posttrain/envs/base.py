@@ -18,6 +18,7 @@ training.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,7 +55,41 @@ class Environment(Protocol):
     def close(self, state) -> None: ...
 
 
-class ToolEnv:
+@dataclass
+class Final:
+    """A tool's answer that ends the episode, with the environment's reward (None: the verifier's)."""
+
+    content: str
+    reward: float | None = None
+
+
+def answer_calls(parsed: tool_format.Parsed, run) -> Step:
+    """The tool turns that answer a model turn's calls, in order: ``run(name, arguments)`` gives a call's
+    text (or a ``Final``, which ends the episode there); a call that could not be read, a ``ToolError``
+    or any other exception is answered ``Error: ...`` and counted."""
+    out, errors, malformed = [], 0, 0
+    info = lambda: {"tool_calls": len(parsed.calls), "tool_errors": errors, "malformed": malformed}  # noqa: E731
+    for call, problem in zip(parsed.calls, parsed.problems):
+        if problem is not None:
+            malformed += 1
+            out.append({"role": "tool", "content": f"Error: {problem}"})
+            continue
+        try:
+            result = run(call["name"], call["arguments"])
+        except ToolError as e:
+            errors += 1
+            result = f"Error: {e}"
+        except Exception as e:  # a tool's own bug or a bad argument: the model is told, the run goes on
+            errors += 1
+            result = f"Error: {type(e).__name__}: {str(e)[:500]}"
+        if isinstance(result, Final):
+            out.append({"role": "tool", "name": call["name"], "content": result.content})
+            return Step(out, done=True, reward=result.reward, info=info())
+        out.append({"role": "tool", "name": call["name"], "content": result})
+    return Step(out, done=False, info=info())
+
+
+class ToolEnv(ABC):
     """A tool-calling environment: subclasses set ``name``, ``tools`` (schemas) and ``call``."""
 
     name = "tools"
@@ -84,31 +119,17 @@ class ToolEnv:
     def new_state(self, record: dict):
         return None
 
+    @abstractmethod
     def call(self, state, name: str, arguments: dict) -> str:
-        raise NotImplementedError
+        """The tool ``name``'s answer to ``arguments`` (raise ``ToolError`` for a failure the model should read)."""
 
     def step(self, state, text: str) -> Step:
         parsed = tool_format.parse_tool_calls(text, self.tool_names)
         if not parsed.calls:
             return Step([], done=True)
-        out, errors, malformed = [], 0, 0
-        for call, problem in zip(parsed.calls, parsed.problems):
-            if problem is not None:
-                malformed += 1
-                out.append({"role": "tool", "content": f"Error: {problem}"})
-                continue
-            try:
-                result = self.call(state, call["name"], call["arguments"])
-            except ToolError as e:
-                errors += 1
-                result = f"Error: {e}"
-            except Exception as e:  # a tool's own bug or a bad argument: the model is told, the run goes on
-                errors += 1
-                result = f"Error: {type(e).__name__}: {str(e)[:500]}"
-            out.append({"role": "tool", "name": call["name"], "content": result})
-        shaping = -self.malformed_penalty * malformed - self.tool_error_penalty * errors
-        return Step(out, done=False, shaping=shaping,
-                    info={"tool_calls": len(parsed.calls), "tool_errors": errors, "malformed": malformed})
+        step = answer_calls(parsed, lambda name, arguments: self.call(state, name, arguments))
+        step.shaping = -self.malformed_penalty * step.info["malformed"] - self.tool_error_penalty * step.info["tool_errors"]
+        return step
 
     def close(self, state) -> None:
         pass

@@ -28,7 +28,7 @@ import importlib
 import json
 
 from posttrain.data import tools as tool_format
-from posttrain.envs.base import Start, Step
+from posttrain.envs.base import Final, Start, Step, ToolError, answer_calls
 from posttrain.errors import UserError
 
 RESERVED = {"done", "reward", "metadata"}
@@ -110,26 +110,15 @@ class OpenEnvAdapter:
             if obs.done:
                 return Step([], done=True, reward=None if obs.reward is None else float(obs.reward))
             return Step([{"role": "user", "content": observation_text(obs)}], done=False)
-        out, errors, malformed = [], 0, 0
-        for call, problem in zip(parsed.calls, parsed.problems):
-            if problem is not None:
-                malformed += 1
-                out.append({"role": "tool", "content": f"Error: {problem}"})
-                continue
-            try:
-                obs = env.step(self.mcp.CallToolAction(tool_name=call["name"], arguments=call["arguments"]))
-            except Exception as e:  # the environment's own failure: the model is told, the run goes on
-                errors += 1
-                out.append({"role": "tool", "name": call["name"], "content": f"Error: {type(e).__name__}: {str(e)[:500]}"})
-                continue
-            error = getattr(obs, "error", None)
-            errors += error is not None
-            content = f"Error: {getattr(error, 'message', error)}" if error is not None else result_text(obs.result)
-            out.append({"role": "tool", "name": call["name"], "content": content})
-            if obs.done:
-                return Step(out, done=True, reward=None if obs.reward is None else float(obs.reward),
-                            info={"tool_calls": len(parsed.calls), "tool_errors": errors, "malformed": malformed})
-        return Step(out, done=False, info={"tool_calls": len(parsed.calls), "tool_errors": errors, "malformed": malformed})
+        return answer_calls(parsed, lambda name, arguments: self.call(env, name, arguments))
+
+    def call(self, env, name: str, arguments: dict) -> str | Final:
+        obs = env.step(self.mcp.CallToolAction(tool_name=name, arguments=arguments))
+        error = getattr(obs, "error", None)
+        if error is not None:
+            raise ToolError(getattr(error, "message", error))
+        content = result_text(obs.result)
+        return Final(content, None if obs.reward is None else float(obs.reward)) if obs.done else content
 
     def close(self, state: dict | None) -> None:
         if state and hasattr(state.get("env"), "close"):

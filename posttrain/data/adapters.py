@@ -59,6 +59,10 @@ def self_instruct_task(rec: dict, where: str) -> tuple[str, str]:
     return _field(rec, "instruction", where).strip() + (f"\n\n{extra}" if extra else ""), str(first.get("output") or "").strip()
 
 
+GSM8K_INSTRUCTION = "\nSolve the problem step by step. Then write the final answer as a number after '####'."
+"""What ``posttrain eval --tasks gsm8k`` appends to a question (and data built to match it)."""
+
+
 def gsm8k_final_answer(answer: str) -> str:
     """The text after the last ``####``, without thousands separators."""
     return answer.split("####")[-1].strip().replace(",", "")

@@ -129,6 +129,46 @@ def cmd_conform(args) -> None:
     _write(args, {"records.jsonl": records}, {"stats": report})
 
 
+def cmd_program_aided(args) -> None:
+    import random
+
+    from posttrain.data.adapters import GSM8K_INSTRUCTION, gsm8k_final_answer
+    from posttrain.data.io import read_records
+    from posttrain.data.synth import program_aided as pa
+    from posttrain.envs.python import PythonEnv
+
+    env = PythonEnv()
+    problems, dropped = [], {}
+    for i, (raw, where) in enumerate(read_records(args.input)):
+        if args.limit is not None and i >= args.limit:
+            break
+        for field in ("question", "answer"):
+            if not isinstance(raw.get(field), str) or not raw[field].strip():
+                raise UserError(f"{where}: field '{field}' must be a non-empty string (GSM8K's format)")
+        try:
+            record = pa.trajectory(raw["question"], raw["answer"], GSM8K_INSTRUCTION, env.system_prompt, env.tools)
+        except pa.Unchecked as e:
+            reason = str(e).split(" ", 2)[0] if str(e).startswith("step") else str(e).split(" is ")[0]
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        record.update(source=where, license=args.license)
+        prompt = {"messages": [{"role": "user", "content": raw["question"] + GSM8K_INSTRUCTION}],
+                  "ground_truth": gsm8k_final_answer(raw["answer"]), "verifier": "gsm8k", "source": where,
+                  "license": args.license, "steps": len(pa.steps(raw["answer"]))}
+        problems.append((record, prompt))
+    if len(problems) < args.sft + args.rlvr:
+        raise UserError(f"{args.input}: {len(problems)} solutions check, asked for --sft {args.sft} + --rlvr {args.rlvr}")
+    random.Random(args.seed).shuffle(problems)
+    sft = [r for r, _ in problems[:args.sft]]
+    rlvr = [p for _, p in problems[args.sft:] if p["steps"] <= args.rlvr_max_steps][:args.rlvr]
+    if len(rlvr) < args.rlvr:
+        raise UserError(f"{args.input}: {len(rlvr)} problems left with at most {args.rlvr_max_steps} steps, "
+                        f"asked for --rlvr {args.rlvr}")
+    print(f"{len(problems)} solutions checked, {sum(dropped.values())} dropped ({dropped})")
+    _write(args, {"sft.jsonl": sft, "rlvr.jsonl": rlvr},
+           {"checked": len(problems), "dropped": dropped, "sft": len(sft), "rlvr": len(rlvr)})
+
+
 def cmd_decontaminate(args) -> None:
     from posttrain.data.decontam import decontaminate
     from posttrain.eval.instances import eval_instances
@@ -280,6 +320,18 @@ def add_parsers(dsub) -> None:
     cf.add_argument("--output", required=True, help="output directory")
     cf.add_argument("--seed", type=int, default=0)
     cf.set_defaults(func=cmd_conform)
+
+    pa = dsub.add_parser("program-aided", help="python-tool SFT trajectories from GSM8K solutions (their calculator "
+                                               "steps as one checked program) and RLVR prompts for `env: python`")
+    pa.add_argument("--input", required=True, help="GSM8K-format JSONL (question, answer with <<expr=result>> steps)")
+    pa.add_argument("--limit", type=natural_int, help="read only the first LIMIT records (e.g. 7000: train[:7000])")
+    pa.add_argument("--sft", type=natural_int, default=500, help="trajectories to write")
+    pa.add_argument("--rlvr", type=natural_int, default=500, help="RLVR prompts to write (other problems)")
+    pa.add_argument("--rlvr-max-steps", type=positive_int, default=99,
+                    help="RLVR prompts only from solutions of at most this many calculator steps")
+    pa.add_argument("--license", default="MIT", help="the input's license, written into every record")
+    _common(pa, engine=False)
+    pa.set_defaults(func=cmd_program_aided)
 
     pe = dsub.add_parser("persona", help="persona-driven prompts: math, code, or IFEval-style with verifiable constraints")
     pe.add_argument("--personas", default=str(EXAMPLE_PERSONAS), help="JSONL with a 'persona' field (default: 24 examples)")

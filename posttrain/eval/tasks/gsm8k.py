@@ -7,11 +7,11 @@ turns (the chain-of-thought exemplars of Wei et al., 2022).
 
 from __future__ import annotations
 
+from posttrain.data.adapters import GSM8K_INSTRUCTION as INSTRUCTION
 from posttrain.data.adapters import gsm8k_final_answer
 from posttrain.eval.tasks.base import Task, field_of
 from posttrain.rewards import gsm8k as verifier
 
-INSTRUCTION = "\nSolve the problem step by step. Then write the final answer as a number after '####'."
 EXEMPLARS = [
     ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
      "there will be 21 trees. How many trees did the grove workers plant today?",

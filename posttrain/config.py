@@ -291,8 +291,6 @@ class RLVRConfig(TrainConfig):
             raise UserError("config: engine vllm with use_peft is not supported (the adapter is not pushed to vLLM)")
         if self.env is not None and (self.max_turns < 1 or self.max_episode_tokens < 1):
             raise UserError("config: keys 'max_turns' and 'max_episode_tokens' must be >= 1")
-        if self.env is not None and self.async_steps:
-            raise UserError("config: env with async_steps is not supported yet (episodes run in the trainer's process)")
         if self.use_peft and self.beta > 0:
             raise UserError("config: use_peft with beta > 0 is not supported (the reference would share the adapter's base)")
 

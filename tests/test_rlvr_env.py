@@ -1,7 +1,7 @@
 """Multi-turn RLVR (``env:``): an episode is one trajectory whose environment tokens get no gradient and
 count in no denominator; checked against a reference computed token by token from plain forwards;
 the gradient does not depend on the micro-batch split for every loss type; a run with an environment
-resumes after kill -9 to the same weights."""
+resumes after kill -9 to the same weights, in turn and with the episodes played ahead (``async_steps``)."""
 
 import json
 import os
@@ -168,10 +168,15 @@ def test_an_episode_batch_gives_the_same_gradient_for_any_split(mod2, float64_ll
         assert max(float((grads[0][k] - other[k]).abs().max()) for k in other) <= 1e-10 * scale
 
 
-def test_a_run_with_an_environment_resumes_after_kill_9_to_the_same_weights(mod2, tmp_path):
+@pytest.mark.parametrize("ahead", [0, 1], ids=["in-turn", "async_steps=1"])
+def test_a_run_with_an_environment_resumes_after_kill_9_to_the_same_weights(mod2, tmp_path, ahead):
+    """With ``async_steps: 1`` the episodes are played by the worker process (its own environment) and
+    the checkpoint holds the episodes generated ahead, masks included."""
+    extra = "async_steps: 1\nvllm_importance_sampling_cap: 2.0\n" if ahead else ""
+
     def yaml(out):
         p = tmp_path / f"{out.name}.yaml"
-        p.write_text(f"model: {mod2['sft']}\noutput_dir: {out}\ndatasets:\n  - path: {mod2['train']}\n"
+        p.write_text(f"model: {mod2['sft']}\noutput_dir: {out}\ndatasets:\n  - path: {mod2['train']}\n{extra}"
                      "env: python\nenv_args: {timeout: 2}\nmax_turns: 2\nmax_episode_tokens: 24\nmax_prompt_length: 4000\n"
                      "max_completion_length: 8\nnum_generations: 4\nper_device_train_batch_size: 16\n"
                      "learning_rate: 1.0e-3\nmax_steps: 6\nsave_steps: 2\nseed: 3\nbeta: 0.05\n")
@@ -193,3 +198,5 @@ def test_a_run_with_an_environment_resumes_after_kill_9_to_the_same_weights(mod2
     rows = [json.loads(x) for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward"] for r in rows] == [json.loads(x)["reward"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("turns" in r and "model_tokens" in r for r in rows)
+    if ahead:
+        assert {r["staleness"] for r in rows if r["step"] > 1} == {1}

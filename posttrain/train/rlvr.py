@@ -299,15 +299,18 @@ class Rollouts:
 
     def ahead_completions(self, step: int, run: Run) -> tuple[list, dict]:
         """``async_steps``: submit the jobs up to ``step + k`` with the current weights, wait for ``step``'s."""
-        from posttrain.train.rl.async_rollouts import AheadRollouts, ProcessWorker, ServerWorker
+        from posttrain.train.rl.async_rollouts import AheadRollouts, Episodes, ProcessWorker, ServerWorker
 
         cfg = self.cfg
         if self.ahead is None:
+            episodes = Episodes(cfg.env, cfg.env_args, cfg.max_turns, cfg.max_episode_tokens) if cfg.env else None
             if cfg.engine == "vllm":
-                worker = ServerWorker(rollout_engine("vllm", run.tokenizer, servers=cfg.vllm_servers))
+                worker = ServerWorker(rollout_engine("vllm", run.tokenizer, servers=cfg.vllm_servers), run.tokenizer,
+                                      episodes)
             else:
                 threads = max(1, (os.cpu_count() or 2) // 2)  # the CPU's threads shared between the two processes
-                worker = ProcessWorker(cfg.model, cfg.dtype, run.tokenizer, cfg.generation_batch_size, threads)
+                worker = ProcessWorker(cfg.model, cfg.dtype, run.tokenizer, cfg.generation_batch_size, threads,
+                                       episodes)
                 self.threads = torch.get_num_threads()
                 torch.set_num_threads(max(1, min(self.threads, (os.cpu_count() or 2) - threads)))
             self.ahead = AheadRollouts(worker, cfg.async_steps)
@@ -317,8 +320,8 @@ class Rollouts:
             weights = (dict(run.layout.whole_state(run.model)) if run.layout.sharded
                        else {n: t.detach().clone() for n, t in run.model.state_dict().items()})
             for s in todo:
-                self.ahead.submit(s, step, weights, [p["ids"] for p in self.select(s, run.rank, run.world)],
-                                  self.sampling(s))
+                self.ahead.submit(s, step, weights, [p["record"] if cfg.env else p["ids"]
+                                                     for p in self.select(s, run.rank, run.world)], self.sampling(s))
         return self.ahead.result(step)
 
     def state(self, step: int) -> dict | None:

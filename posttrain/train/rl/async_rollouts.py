@@ -20,6 +20,10 @@ Logged per step: ``staleness`` (``s`` minus the version generated from), ``gener
 worker's time for the job) and ``async_wait_seconds`` (the trainer's time blocked on it). Generation
 hidden behind training is ``1 − Σ wait / Σ generate``.
 
+With an environment (``env``) a job is episodes (posttrain.envs.rollout): the worker builds its own
+environment from ``Episodes`` (a local process cannot share the trainer's sandboxes) and plays the
+job's records with the job's weights; the episodes come back with their model-token masks.
+
 Resume: at a checkpoint after step ``s`` the jobs of steps ``s..s+k−1`` are waited for and their
 completions stored with the checkpoint (``state``); a resumed run trains on exactly those.
 """
@@ -32,10 +36,34 @@ import threading
 import time
 import traceback
 from dataclasses import asdict
+from typing import NamedTuple
 
 import torch
 
+from posttrain.envs.rollout import Episode, run_episodes
 from posttrain.inference.engine import Completion
+
+
+class Episodes(NamedTuple):
+    """What a worker needs to play episodes instead of sampling completions."""
+
+    env: str
+    env_args: dict
+    max_turns: int
+    max_episode_tokens: int
+
+    def make(self):
+        from posttrain.envs import make_env
+
+        return make_env(self.env, **self.env_args)
+
+
+def sample(engine, env, episodes: Episodes | None, prompts: list, sampling, tokenizer) -> list[Completion]:
+    """A job's rollouts: completions of token-id prompts, or with an environment, episodes of records."""
+    if env is None:
+        return engine.generate(prompts, sampling)
+    return run_episodes(engine, env, prompts, sampling, episodes.max_turns, episodes.max_episode_tokens,
+                        tokenizer=tokenizer)
 
 
 def _die_with(trainer: int) -> None:
@@ -53,8 +81,8 @@ def _die_with(trainer: int) -> None:
         os._exit(1)
 
 
-def _serve_process(trainer: int, model_path: str, dtype: str, tokenizer, batch_size: int, threads: int, jobs,
-                   results) -> None:
+def _serve_process(trainer: int, model_path: str, dtype: str, tokenizer, batch_size: int, threads: int,
+                   episodes: Episodes | None, jobs, results) -> None:
     """The worker process: load the policy once, then per job load its weights and generate."""
     _die_with(trainer)
     torch.set_num_threads(threads)
@@ -64,6 +92,7 @@ def _serve_process(trainer: int, model_path: str, dtype: str, tokenizer, batch_s
 
         model = load_model(model_path, dtype).eval()
         engine = rollout_engine("transformers", tokenizer, policy=model, batch_size=batch_size)
+        env = episodes.make() if episodes else None
     except Exception:  # noqa: BLE001 - reported to the trainer, which raises it
         results.put(("error", traceback.format_exc()))
         return
@@ -72,7 +101,7 @@ def _serve_process(trainer: int, model_path: str, dtype: str, tokenizer, batch_s
         try:
             model.load_state_dict(weights)
             t = time.time()
-            completions = engine.generate(prompts, sampling)
+            completions = sample(engine, env, episodes, prompts, sampling, tokenizer)
             results.put((step, completions, time.time() - t))
         except Exception:  # noqa: BLE001
             results.put(("error", traceback.format_exc()))
@@ -82,12 +111,13 @@ def _serve_process(trainer: int, model_path: str, dtype: str, tokenizer, batch_s
 class ProcessWorker:
     """Jobs run by a second local process with the transformers engine (``threads`` torch threads)."""
 
-    def __init__(self, model_path: str, dtype: str, tokenizer, batch_size: int, threads: int = 1):
+    def __init__(self, model_path: str, dtype: str, tokenizer, batch_size: int, threads: int = 1,
+                 episodes: Episodes | None = None):
         ctx = torch.multiprocessing.get_context("spawn")
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
         self.process = ctx.Process(target=_serve_process, daemon=True,
-                                   args=(os.getpid(), model_path, dtype, tokenizer, batch_size, threads, self.jobs,
-                                         self.results))
+                                   args=(os.getpid(), model_path, dtype, tokenizer, batch_size, threads, episodes,
+                                         self.jobs, self.results))
         self.process.start()
 
     def submit(self, step: int, weights: dict, prompts: list, sampling) -> None:
@@ -117,8 +147,10 @@ class ProcessWorker:
 class ServerWorker:
     """Jobs run by a thread against vLLM servers: push the job's weights (as version ``step``), generate."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, tokenizer=None, episodes: Episodes | None = None):
         self.engine, self.jobs, self.results = engine, queue.Queue(), queue.Queue()
+        self.tokenizer, self.episodes = tokenizer, episodes
+        self.env = episodes.make() if episodes else None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -128,7 +160,8 @@ class ServerWorker:
             try:
                 t = time.time()
                 self.engine.load_weights(list(weights.items()), version=step)
-                self.results.put((step, self.engine.generate(prompts, sampling), time.time() - t))
+                self.results.put((step, sample(self.engine, self.env, self.episodes, prompts, sampling, self.tokenizer),
+                                  time.time() - t))
             except Exception as e:  # noqa: BLE001
                 self.results.put(("error", e))
                 return
@@ -183,7 +216,8 @@ class AheadRollouts:
     def load_state(self, state: dict) -> None:
         for s, entry in state.items():
             self.submitted[int(s)] = entry["version"]
-            self.done[int(s)] = ([Completion(**c) for c in entry["completions"]], entry["seconds"])
+            self.done[int(s)] = ([(Episode if "model_mask" in c else Completion)(**c) for c in entry["completions"]],
+                                 entry["seconds"])
 
     def close(self) -> None:
         self.worker.close()

@@ -127,8 +127,9 @@ def test_chat_page_asks_for_the_key_or_takes_it_from_its_address(page):
     driver = page
     driver.execute_script("sessionStorage.clear()")
     driver.get(f"{driver.server_url}/")
-    wait_for(driver, "return !document.getElementById('keybox').hidden")
-    assert "valid API key" in driver.find_element("id", "models").text
+    # the 401 shows the key box first and the refusal's message right after: wait for both
+    wait_for(driver, "return !document.getElementById('keybox').hidden"
+                     " && document.getElementById('models').textContent.includes('valid API key')")
     driver.find_element("id", "apikey").send_keys("wrong-key-123")
     driver.find_element("id", "usekey").click()
     time.sleep(0.5)
@@ -180,6 +181,7 @@ def test_run_report_is_a_page_with_tables_curves_and_folded_configs(driver, tmp_
 
     recipe, summary = fake_run(tmp_path / "run")
     write_report(tmp_path / "run", recipe, summary)
+    driver.get_log("browser")  # drop what earlier pages logged: this test reads the report's own
     driver.get((tmp_path / "run" / "report.html").as_uri())
     wait_for(driver, "return document.readyState === 'complete'")
     images = driver.execute_script("return [...document.images].map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
